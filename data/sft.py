@@ -1,0 +1,165 @@
+"""Supervised fine-tuning dataset: rows -> token ids and already-shifted labels.
+
+Each item is ``{"tokens": list[int], "labels": list[int]}`` of equal length, where
+``labels[i]`` is the target predicted at position ``i``: ``tokens[i + 1]`` when that token is
+trained on (an assistant token, or any token with ``train_on_input``), else ``IGNORE_INDEX``
+(-100). The last position has no next token, so its label is always -100.
+
+Shifting here rather than in the loss has two consequences that the rest of the code relies on:
+- the loss is a plain ``cross_entropy(logits.flatten(0, 1), labels.flatten())``, no shift;
+- packing concatenates documents as they are: a document's last label is -100, so no position
+  is ever asked to predict the first token of the next document.
+
+Truncation to `max_seq_len` cuts the tokens and then derives the labels, so a truncated item
+also ends with -100 (the same rule `PackedDataset` applies).
+
+Rows are tokenized eagerly, once, into flat arrays: item lengths are then known up front for
+packing and length-grouped sampling, and memory stays at ~5 bytes per token instead of Python
+lists of ints.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sized
+
+import numpy as np
+import torch
+
+from tunewright.data.formats import DataError, Format, make_converter
+from tunewright.data.sources import load_rows
+from tunewright.data.tokenizer.base import IGNORE_INDEX, Tokenizer
+
+if TYPE_CHECKING:
+    from tunewright.data.packing import PackedDataset
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Tokenized SFT samples from `rows` (a `datasets.Dataset` or any iterable of dicts).
+
+    `source` only names the rows in error messages (``alpaca.json row 12: missing field
+    'output'``). See `tunewright.data.formats` for `format`, `column_map` and `system_prompt`.
+    """
+
+    def __init__(
+        self,
+        rows: Iterable[Mapping[str, Any]],
+        tokenizer: Tokenizer,
+        *,
+        format: Format = "instruct",
+        column_map: Mapping[str, str] | None = None,
+        max_seq_len: int | None = None,
+        train_on_input: bool = False,
+        system_prompt: str | None = None,
+        source: str = "dataset",
+    ) -> None:
+        if max_seq_len is not None and max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+        convert = make_converter(format, column_map=column_map, system_prompt=system_prompt)
+        self.max_seq_len = max_seq_len
+
+        from tqdm.auto import tqdm  # lazy; disable=None hides the bar when not on a terminal
+
+        chunks_tokens: list[np.ndarray] = []
+        chunks_trained: list[np.ndarray] = []
+        lengths: list[int] = []
+        total = len(rows) if isinstance(rows, Sized) else None
+        for index, row in enumerate(tqdm(rows, total=total, desc="tokenizing", disable=None)):
+            try:
+                converted = convert(row)
+            except DataError as e:
+                raise DataError(f"{source} row {index}: {e}") from None
+            if isinstance(converted, str):  # plain text: the whole document is the target
+                ids = tokenizer.encode(converted, add_bos=True, add_eos=True)
+                trained = [True] * len(ids)
+            else:
+                ids, trained = tokenizer.tokenize_messages(converted)
+                if train_on_input:
+                    trained = [True] * len(ids)
+            assert len(ids) == len(trained), "tokenizer returned ids and mask of different length"
+            if max_seq_len is not None:
+                ids, trained = ids[:max_seq_len], trained[:max_seq_len]
+            chunks_tokens.append(np.asarray(ids, dtype=np.int64))
+            chunks_trained.append(np.asarray(trained, dtype=np.bool_))
+            lengths.append(len(ids))
+
+        self._lengths = np.asarray(lengths, dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(self._lengths)])
+        # int32 halves memory; every real vocabulary fits.
+        self._tokens = np.concatenate([np.zeros(0, np.int32), *chunks_tokens]).astype(np.int32)
+        self._trained = np.concatenate([np.zeros(0, np.bool_), *chunks_trained])
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token count of every item, for packing and length-grouped sampling."""
+        return self._lengths.tolist()
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        index %= len(self)
+        start, end = self._offsets[index], self._offsets[index + 1]
+        tokens = self._tokens[start:end].astype(np.int64)
+        trained = self._trained[start:end]
+        labels = np.full_like(tokens, IGNORE_INDEX)
+        labels[:-1] = np.where(trained[1:], tokens[1:], IGNORE_INDEX)
+        return {"tokens": tokens.tolist(), "labels": labels.tolist()}
+
+
+def sft_dataset(
+    tokenizer: Tokenizer,
+    *,
+    source: str,
+    data_files: str | list[str] | None = None,
+    split: str = "train",
+    format: Format = "instruct",
+    column_map: dict[str, str] | None = None,
+    max_seq_len: int | None = None,
+    train_on_input: bool = False,
+    packed: bool = False,
+    system_prompt: str | None = None,
+) -> SFTDataset | PackedDataset:
+    """The SFT dataset a config names, e.g.
+
+    .. code-block:: yaml
+
+        dataset:
+          _component_: tunewright.data.sft_dataset
+          source: data/alpaca.json
+          split: train[:95%]
+          format: instruct
+          max_seq_len: 2048
+          packed: true
+
+    `source`, `data_files` and `split` are those of `load_rows`; `packed` packs samples into
+    rows of exactly `max_seq_len` tokens (see `PackedDataset`).
+    """
+    if packed and max_seq_len is None:
+        raise ValueError("packed=True needs max_seq_len (the length of every packed row)")
+    # Check format, column_map and system_prompt before the possibly long load.
+    make_converter(format, column_map=column_map, system_prompt=system_prompt)
+    rows = load_rows(source, data_files=data_files, split=split)
+    dataset = SFTDataset(
+        rows,
+        tokenizer,
+        format=format,
+        column_map=column_map,
+        max_seq_len=max_seq_len,
+        train_on_input=train_on_input,
+        system_prompt=system_prompt,
+        source=_describe(source, data_files, split),
+    )
+    if not packed:
+        return dataset
+    from tunewright.data.packing import PackedDataset
+
+    assert max_seq_len is not None
+    return PackedDataset(dataset, max_seq_len=max_seq_len, pad_id=tokenizer.pad_id)
+
+
+def _describe(source: str, data_files: str | list[str] | None, split: str) -> str:
+    # Row indices count within the split, so name a sliced split in error messages.
+    name = source if data_files is None else f"{source}:{data_files}"
+    return name if split == "train" else f"{name} (split {split!r})"

@@ -1,0 +1,163 @@
+"""Tokenizers: one `Tokenizer` protocol, two engines, Jinja chat formatting, one loader.
+
+    base.py           the Tokenizer protocol, Message, IGNORE_INDEX
+    bpe.py            BPETokenizer: byte-level BPE on tiktoken (Llama-3, Qwen, SmolLM2, GPT-2)
+    hf_bpe.py         HF tokenizer.json / vocab.json+merges.txt -> tiktoken ranks and regex
+    sentencepiece.py  SentencePieceTokenizer (Llama-2, Mistral tokenizer.model)
+    chat.py           ChatFormat: chat templates rendered as transformers does, assistant masks
+
+`load_tokenizer` picks the engine from the files of a model directory. Nothing here is imported
+at CLI start: tiktoken, sentencepiece and jinja2 load only when a tokenizer is built.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from tunewright.data.tokenizer.base import IGNORE_INDEX, Message, Tokenizer
+
+__all__ = ["IGNORE_INDEX", "Message", "Tokenizer", "load_tokenizer"]
+
+_TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+=* \d+$")
+
+
+def load_tokenizer(
+    path: str | Path, *, chat_template: str | None = None, max_seq_len: int | None = None
+) -> Tokenizer:
+    """The tokenizer stored at `path`: a model directory or one tokenizer file.
+
+    In a directory the engine comes from the first of `tokenizer.json` (byte-level BPE),
+    `vocab.json` + `merges.txt`, `tokenizer.model` (a SentencePiece model or a tiktoken ranks
+    file like Llama-3's; a SentencePiece-style `tokenizer.json` defers to it). bos/eos/pad and
+    the chat template come from `tokenizer_config.json`, `special_tokens_map.json`,
+    `chat_template.jinja` and `generation_config.json` beside it, whose eos ids also stop
+    generation. `chat_template` (Jinja source or a name: chatml, llama3, llama2, mistral)
+    replaces the model's; without either, ChatML and Llama-3 vocabularies get their format.
+    `max_seq_len` cuts `tokenize_messages` output to that many tokens.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"tokenizer path {path} does not exist")
+    directory = path if path.is_dir() else path.parent
+    config = _read_config(directory)
+    engine, kwargs = _engine(path, config)
+    added = {**config["added"], **kwargs.get("added_tokens", {})}
+    for role in ("bos", "eos", "pad"):
+        if added.get(config[role]) is not None:
+            kwargs[f"{role}_id"] = added[config[role]]
+    if "eos_id" not in kwargs and config["eos_ids"]:
+        kwargs["eos_id"] = config["eos_ids"][0]
+    if "pad_id" not in kwargs and config["pad_token_id"] is not None:
+        kwargs["pad_id"] = config["pad_token_id"]
+    try:
+        tok = engine(**kwargs, stop_ids=config["eos_ids"])
+    except ValueError as e:
+        raise ValueError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+
+    template = chat_template or config["chat_template"] or _default_template(tok.added_tokens)
+    if template is not None:
+        from tunewright.data.tokenizer.chat import ChatFormat
+
+        # The variables transformers passes to templates (its special_tokens_map).
+        template_vars = {f"{role}_token": config[role] for role in ("bos", "eos", "pad", "unk") if config[role]}
+        for role, id_ in (("bos", tok.bos_id), ("eos", tok.eos_id)):
+            if f"{role}_token" not in template_vars and id_ is not None:
+                template_vars[f"{role}_token"] = tok.id_to_token(id_)
+        tok.chat_format = ChatFormat(template, template_vars=template_vars)
+        tok.stop_ids = tok.stop_ids | set(tok.chat_format.end_of_turn_ids(tok.added_tokens))
+    tok.max_seq_len = max_seq_len
+    return tok
+
+
+def _engine(path: Path, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The engine class and its keyword arguments for the tokenizer file(s) at `path`."""
+    from tunewright.data.tokenizer.bpe import BPETokenizer
+    from tunewright.data.tokenizer.sentencepiece import SentencePieceTokenizer
+
+    directory = path if path.is_dir() else path.parent
+    if path.is_dir():
+        json_file, model_file = path / "tokenizer.json", path / "tokenizer.model"
+        vocab, merges = path / "vocab.json", path / "merges.txt"
+    else:
+        is_json = path.suffix == ".json" and path.name != "vocab.json"
+        json_file, model_file = (path, directory / "tokenizer.model") if is_json else (Path("/nonexistent"), path)
+        vocab, merges = (path, directory / "merges.txt") if path.name == "vocab.json" else (Path("/nonexistent"),) * 2
+    if json_file.is_file():
+        from tunewright.data.tokenizer.hf_bpe import read_tokenizer_json
+
+        try:
+            return BPETokenizer, read_tokenizer_json(json_file)
+        except ValueError:
+            if not model_file.is_file():
+                raise
+    if vocab.is_file() and merges.is_file():
+        from tunewright.data.tokenizer.hf_bpe import read_vocab_merges
+
+        vocab_ids = json.loads(vocab.read_text(encoding="utf-8"))
+        names = {config[r]: vocab_ids[config[r]] for r in ("bos", "eos", "pad", "unk") if config[r] in vocab_ids}
+        return BPETokenizer, read_vocab_merges(vocab, merges, {**names, **config["added"]})
+    if model_file.is_file():
+        if _is_tiktoken_file(model_file):
+            from tunewright.data.tokenizer.bpe import LLAMA3_PATTERN, read_tiktoken_ranks
+
+            special = config["added"] or None
+            kwargs: dict[str, Any] = {"ranks": read_tiktoken_ranks(model_file), "pattern": LLAMA3_PATTERN}
+            if special is None:
+                from tunewright.data.tokenizer.bpe import llama3_special_tokens
+
+                special = {t: len(kwargs["ranks"]) + i for i, t in enumerate(llama3_special_tokens())}
+                kwargs["bos_id"] = special["<|begin_of_text|>"]
+                kwargs["eos_id"] = special["<|end_of_text|>"]
+            return BPETokenizer, {**kwargs, "added_tokens": special}
+        return SentencePieceTokenizer, {"path": model_file, "added_tokens": config["added"]}
+    raise ValueError(
+        f"{path}: no tokenizer found (expected tokenizer.json, vocab.json + merges.txt or tokenizer.model)"
+    )
+
+
+def _is_tiktoken_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        first = f.readline(4096).strip()
+    return bool(_TIKTOKEN_LINE.match(first))
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    """Special-token names, added tokens, chat template and generation eos ids beside a tokenizer."""
+    tok_cfg = _read_json(directory / "tokenizer_config.json")
+    special_map = _read_json(directory / "special_tokens_map.json")
+    gen_cfg = _read_json(directory / "generation_config.json")
+    out: dict[str, Any] = {}
+    for role in ("bos", "eos", "pad", "unk"):
+        value = tok_cfg.get(f"{role}_token", special_map.get(f"{role}_token"))
+        out[role] = value.get("content") if isinstance(value, dict) else value
+    out["added"] = {v["content"]: int(k) for k, v in tok_cfg.get("added_tokens_decoder", {}).items()}
+    eos_ids = gen_cfg.get("eos_token_id")
+    out["eos_ids"] = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
+    out["pad_token_id"] = gen_cfg.get("pad_token_id")
+
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    jinja_file = directory / "chat_template.jinja"  # newer transformers save it beside the config
+    out["chat_template"] = jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else template
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _default_template(added: dict[str, int]) -> str | None:
+    if "<|im_start|>" in added and "<|im_end|>" in added:
+        return "chatml"
+    if "<|start_header_id|>" in added and "<|eot_id|>" in added:
+        return "llama3"
+    return None

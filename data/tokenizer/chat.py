@@ -1,0 +1,267 @@
+"""Chat formatting: render a conversation with a Jinja chat template and mark what is trained on.
+
+Rendering copies transformers' `apply_chat_template` (same sandboxed Jinja environment and
+globals), and the ids are those of the whole rendered string tokenized in one go, so they equal
+`apply_chat_template(messages, tokenize=True)`. Families without a template of their own use one
+of `NAMED_TEMPLATES`, written as the Jinja templates those families publish.
+
+The mask is True on each assistant message's content and its end-of-turn marker. Its character
+span is found by rendering prefixes of the conversation: the text the template adds for message
+k, minus the generation prompt, is that turn. Templates that say it themselves with
+`{% generation %}` blocks are trusted instead; templates whose earlier turns change once later
+ones exist (Qwen3 drops old reasoning) fall back to finding the content in the rendered text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextvars import ContextVar
+from datetime import datetime
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from tunewright.data.tokenizer.base import Message
+
+_CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Meta-Llama-3-8B-Instruct's template.
+_LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Llama-2-chat's template: the system prompt goes inside the first [INST] block.
+_LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+# Mistral-7B-Instruct-v0.1's template; a system message is prepended to the first user turn.
+_MISTRAL = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] + '\n\n' %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = '' %}{% endif %}"
+    "{{ bos_token }}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}"
+    "{% set content = system_message + message['content'] if loop.first else message['content'] %}"
+    "{{ '[INST] ' + content + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+    "{% endfor %}"
+)
+NAMED_TEMPLATES = {"chatml": _CHATML, "llama3": _LLAMA3, "llama2": _LLAMA2, "mistral": _MISTRAL}
+# Tokens that end a turn in the templates we know; those a template uses become stop ids.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
+
+
+class ChatEngine(Protocol):
+    """What `tokenize_messages` needs from a tokenizer engine."""
+
+    chat_format: ChatFormat | None
+    max_seq_len: int | None
+
+    def normalize(self, text: str) -> str: ...
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
+
+
+class ChatFormat:
+    """A Jinja chat template plus the variables it reads (`bos_token`, `eos_token`, ...).
+
+    `template` is Jinja source or a name in `NAMED_TEMPLATES`.
+    """
+
+    def __init__(self, template: str, *, template_vars: Mapping[str, Any] | None = None) -> None:
+        if template in NAMED_TEMPLATES:
+            template = NAMED_TEMPLATES[template]
+        elif "{{" not in template and "{%" not in template:
+            raise ValueError(f"unknown chat template {template!r}; named ones: {sorted(NAMED_TEMPLATES)}")
+        self.template = template
+        self.template_vars = dict(template_vars or {})
+
+    def end_of_turn_ids(self, vocab: Mapping[str, int]) -> list[int]:
+        """Ids of known end-of-turn tokens this template writes; generation stops at them."""
+        return [vocab[t] for t in END_OF_TURN_TOKENS if t in self.template and t in vocab]
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
+        return self.render_with_spans(messages, add_generation_prompt=add_generation_prompt)[0]
+
+    def render_with_spans(
+        self, messages: Sequence[Message], *, add_generation_prompt: bool = False
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the [start, end) character span of each assistant turn."""
+        template = _compile(self.template)
+        messages = [dict(m) for m in messages]
+        kwargs = {**self.template_vars, "add_generation_prompt": add_generation_prompt}
+        if _GENERATION_TAG.search(self.template):
+            blocks: list[str] = []
+            spans: list[tuple[int, int]] = []
+            token = _TRACKING.set((blocks, spans))
+            try:
+                blocks.extend(template.generate(messages=messages, **kwargs))
+            finally:
+                _TRACKING.reset(token)
+            return "".join(blocks), spans
+        text = template.render(messages=messages, **kwargs)
+        return text, self._prefix_spans(text, messages, kwargs)
+
+    def _prefix_spans(self, text: str, messages: list[dict], kwargs: dict) -> list[tuple[int, int]]:
+        template = _compile(self.template)
+        spans = []
+        cursor = 0
+        for k, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            try:
+                before = template.render(messages=messages[:k], **{**kwargs, "add_generation_prompt": True})
+                through = template.render(messages=messages[: k + 1], **{**kwargs, "add_generation_prompt": False})
+            except Exception:  # a template may refuse a prefix (e.g. one that must end with a user turn)
+                before = through = ""
+            if before and text.startswith(before) and text.startswith(through) and len(through) > len(before):
+                start, end = len(before), len(through)
+            else:
+                start, end = self._find_content(text, message, max(cursor, _common_prefix(before, text)))
+            # Whitespace after the end-of-turn marker only separates turns: not trained on.
+            end = start + len(text[start:end].rstrip())
+            spans.append((start, end))
+            cursor = end
+        return spans
+
+    def _find_content(self, text: str, message: dict, cursor: int) -> tuple[int, int]:
+        content = str(message.get("content") or "").strip()
+        start = text.find(content, cursor)
+        if not content or start < 0:
+            raise ValueError("chat template rewrites assistant content; cannot tell which tokens to train on")
+        end = start + len(content)
+        markers = [t for t in END_OF_TURN_TOKENS if t in self.template]
+        markers += [v for k, v in self.template_vars.items() if k == "eos_token" and v]
+        for marker in markers:
+            if text.startswith(marker, end):
+                end += len(marker)
+                break
+        return start, end
+
+
+def tokenize_messages(
+    engine: ChatEngine, messages: Sequence[Message], *, add_generation_prompt: bool = False
+) -> tuple[list[int], list[bool]]:
+    """Ids of the rendered conversation (as one string) and, per id, whether it is trained on.
+
+    A token is trained on if any of its characters lies in an assistant span, the rule
+    transformers uses for `return_assistant_tokens_mask`. With `engine.max_seq_len`, both lists
+    are cut to that length.
+    """
+    if engine.chat_format is None:
+        raise ValueError("this tokenizer has no chat template; pass chat_template= (Jinja or a named one)")
+    text, spans = engine.chat_format.render_with_spans(messages, add_generation_prompt=add_generation_prompt)
+    normalized = engine.normalize(text)
+    if normalized != text:  # move span ends to where they fall in the normalised text
+        spans = [(len(engine.normalize(text[:s])), len(engine.normalize(text[:e]))) for s, e in spans]
+    ids, offsets = engine.encode_with_offsets(normalized)
+    mask = [False] * len(ids)
+    span_index = 0
+    for i, (tok_start, tok_end) in enumerate(offsets):  # both in order: one pass
+        while span_index < len(spans) and tok_start >= spans[span_index][1]:
+            span_index += 1
+        if span_index == len(spans):
+            break
+        mask[i] = tok_end > spans[span_index][0]
+    if engine.max_seq_len is not None:
+        ids, mask = ids[: engine.max_seq_len], mask[: engine.max_seq_len]
+    return ids, mask
+
+
+def char_spans(text: str, byte_lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) character spans of consecutive tokens, given each one's UTF-8 byte length.
+
+    A token holding part of a multi-byte character spans that whole character.
+    """
+    if text.isascii():
+        char_of_byte = list(range(len(text) + 1))
+    else:
+        char_of_byte = [i for i, ch in enumerate(text) for _ in range(len(ch.encode("utf-8", "surrogatepass")))]
+        char_of_byte.append(len(text))
+    assert sum(byte_lengths) == len(char_of_byte) - 1, "token bytes do not add up to the text"
+    spans, pos = [], 0
+    for length in byte_lengths:
+        end = pos + length
+        spans.append((char_of_byte[pos], char_of_byte[end - 1] + 1 if length else char_of_byte[pos]))
+        pos = end
+    return spans
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# -- the Jinja environment, as transformers builds it ----------------------------------------
+
+_TRACKING: ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = ContextVar("tracking", default=None)
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+@lru_cache(maxsize=32)
+def _compile(template: str):
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class _GenerationTracker(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}`: records where assistant text was rendered."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_track"), [], [], body).set_lineno(lineno)
+
+        def _track(self, caller) -> str:
+            rendered = caller()
+            tracking = _TRACKING.get()
+            if tracking is not None:
+                blocks, spans = tracking
+                start = len("".join(blocks))
+                spans.append((start, start + len(rendered)))
+            return rendered
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson escapes HTML characters; transformers' does not.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTracker, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)

@@ -1,0 +1,188 @@
+"""Hugging Face checkpoints in and out: `config.json` + safetensors (one file or sharded).
+
+Loading builds the model on the meta device and assigns each tensor as it is read, so a model
+is never held twice in memory; names go through the family's weight map, and every mismatch
+(unknown tensor, wrong shape, missing weight) is one line naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from tunewright.models.args import ModelArgs
+from tunewright.models.family import Family
+from tunewright.models.registry import family_for_config, get_family, read_config
+from tunewright.training.atomic import atomic_dir
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files of a model directory that are weights or describe weights: not copied on save.
+_WEIGHT_FILES = {INDEX_FILE, "pytorch_model.bin.index.json", "config.json"}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}' (use one of fp32, bf16, fp16)")
+    return DTYPES[dtype]
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({model_dir / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{index}: lists {f.name}, which is missing")
+        return files
+    if (model_dir / SINGLE_FILE).is_file():
+        return [model_dir / SINGLE_FILE]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no safetensors weights (model.safetensors or {INDEX_FILE})")
+    return files
+
+
+def iter_hf_tensors(model_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for path in safetensors_files(model_dir):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield path, name, f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types on corrupt headers
+            if isinstance(e, (ValueError, FileNotFoundError)) and str(path) in str(e):
+                raise
+            raise ValueError(f"{path}: cannot read safetensors file: {e}") from None
+
+
+def build_model(args: ModelArgs, *, device: str | torch.device = "meta") -> nn.Module:
+    family = get_family(args.family)
+    with torch.device(device):
+        model = family.build(args)
+    model.args = args  # what save_pretrained and transforms need to know about the shape
+    return model
+
+
+def load_pretrained(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """A model from a Hugging Face directory; `model(tokens)` gives logits [b, s, vocab].
+
+    `dtype` defaults to fp32 (training master weights), `device` to the CPU.
+    """
+    model_dir = Path(path)
+    config = read_config(model_dir)
+    family = family_for_config(config, str(model_dir / "config.json"))
+    args = family.args_from_hf(config)
+    model = build_model(args)
+    load_hf_weights(model, model_dir, family, dtype=as_dtype(dtype), device=device or "cpu")
+    return model
+
+
+def load_hf_weights(
+    model: nn.Module, model_dir: Path, family: Family, *, dtype: torch.dtype,
+    device: str | torch.device,
+) -> None:
+    expected = dict(model.state_dict(keep_vars=True))
+    loaded: dict[str, torch.Tensor] = {}
+    for path, hf_name, tensor in iter_hf_tensors(model_dir):
+        ours = family.weight_map.to_ours(hf_name)
+        if ours is None or ours not in expected:
+            if hf_name == "lm_head.weight" and model.args.tie_embeddings:
+                continue  # some tied checkpoints also store the shared head
+            raise ValueError(f"{path}: tensor '{hf_name}' has no place in a {family.name} model "
+                             f"of this config (wrong family or config.json?)")
+        want = tuple(expected[ours].shape)
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"{path}: tensor '{hf_name}' has shape {tuple(tensor.shape)}, "
+                             f"config.json implies {want}")
+        loaded[ours] = tensor.to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        hf = family.weight_map.to_hf(missing[0]) or missing[0]
+        raise ValueError(f"{model_dir}: checkpoint lacks '{hf}' ({len(missing)} tensors missing)")
+    model.load_state_dict(loaded, assign=True, strict=True)
+
+
+def hf_state_dict(model: nn.Module, family: Family) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        hf = family.weight_map.to_hf(name)
+        if hf is None:
+            raise ValueError(f"parameter '{name}' has no Hugging Face name in family {family.name}")
+        out[hf] = tensor.detach().contiguous()
+    return out
+
+
+def _shard_plan(names: list[str], source_dir: Path | None) -> dict[str, list[str]]:
+    """Same file names and grouping as the source checkpoint, else one file."""
+    if source_dir is not None and (source_dir / INDEX_FILE).is_file():
+        weight_map = json.loads((source_dir / INDEX_FILE).read_text())["weight_map"]
+        plan: dict[str, list[str]] = defaultdict(list)
+        fallback = sorted(set(weight_map.values()))[-1]
+        for n in names:
+            plan[weight_map.get(n, fallback)].append(n)
+        return dict(plan)
+    return {SINGLE_FILE: names}
+
+
+def save_pretrained(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    source_dir: str | Path | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Path:
+    """Write `model` in Hugging Face format so `transformers` loads it; atomic.
+
+    With `source_dir`, its config.json, tokenizer and generation files are copied and its
+    sharding is kept; `dtype` casts the saved tensors (default: as they are in the model).
+    """
+    from safetensors.torch import save_file
+
+    args: ModelArgs = model.args
+    family = get_family(args.family)
+    source = Path(source_dir) if source_dir is not None else None
+    tensors = hf_state_dict(model, family)
+    if dtype is not None:
+        tensors = {k: v.to(as_dtype(dtype)) for k, v in tensors.items()}
+    tensors = {k: v.cpu() for k, v in tensors.items()}
+    config: dict[str, Any] = read_config(source) if source is not None else family.hf_config(args)
+    saved_dtype = next(iter(tensors.values())).dtype
+    config["torch_dtype"] = str(saved_dtype).removeprefix("torch.")
+    plan = _shard_plan(list(tensors), source)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        for fname, names in plan.items():
+            save_file({n: tensors[n] for n in names}, str(tmp / fname), metadata={"format": "pt"})
+        if len(plan) > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_map = {n: f for f, names in plan.items() for n in names}
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if source is not None:
+            for f in source.iterdir():
+                if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(_WEIGHT_SUFFIXES):
+                    shutil.copy2(f, tmp / f.name)
+    return out_dir

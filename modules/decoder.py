@@ -1,0 +1,143 @@
+"""The one generic decoder every family is built from: embeddings, N blocks, norm, head.
+
+Blocks take their parts (attention, MLP, norms) from the caller, so a family that differs passes
+a different part. The output head is `None` when tied to the embeddings; `head()` applies
+either, so a chunked loss can run the head on slices of the hidden states (see
+`modules/loss.py`) without ever materialising full logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunewright.modules.attention import Attention
+from tunewright.modules.kv_cache import KVCache
+from tunewright.modules.rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; optional post-norms (Gemma-2/3 "sandwich") wrap each sub-layer output."""
+
+    def __init__(
+        self,
+        *,
+        attn: Attention,
+        mlp: nn.Module,
+        attn_norm: nn.Module,
+        mlp_norm: nn.Module,
+        post_attn_norm: nn.Module | None = None,
+        post_mlp_norm: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.attn = attn
+        self.mlp = mlp
+        self.attn_norm = attn_norm
+        self.mlp_norm = mlp_norm
+        self.post_attn_norm = post_attn_norm
+        self.post_mlp_norm = post_mlp_norm
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+        mask: torch.Tensor | None = None, cache_pos: int | None = None,
+    ) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), cos, sin, mask=mask, cache_pos=cache_pos)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids [b, s] -> bool mask [b, 1, s, s]: causal and within the same packed document."""
+    s = doc_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
+class Decoder(nn.Module):
+    def __init__(
+        self,
+        *,
+        tok_embeddings: nn.Embedding,
+        layers: list[nn.Module],
+        norm: nn.Module,
+        output: nn.Module | None,
+        rope: RotaryEmbedding,
+        embed_scale: float | None = None,
+        final_logit_softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.tok_embeddings = tok_embeddings
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.output = output  # None: tied to tok_embeddings
+        self.rope = rope
+        self.embed_scale = embed_scale
+        self.final_logit_softcap = final_logit_softcap
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Normed hidden states [..., dim] -> logits [..., vocab]."""
+        if self.output is None:
+            logits = F.linear(h, self.tok_embeddings.weight)
+        else:
+            logits = self.output(h)
+        if self.final_logit_softcap is not None:
+            cap = self.final_logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        input_pos: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache_pos: int | None = None,
+        hidden_only: bool = False,
+    ) -> torch.Tensor:
+        """tokens [b, s] -> logits [b, s, vocab] (or normed hidden [b, s, dim] if hidden_only).
+
+        input_pos [b, s]: RoPE positions (packed rows restart them per document); doc_ids
+        [b, s]: packed-document ids for a block-diagonal causal mask; cache_pos: generation
+        with KV caches (see `setup_caches`), the position where `tokens` start.
+        """
+        b, s = tokens.shape
+        h = self.tok_embeddings(tokens)
+        if self.embed_scale is not None:
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+        if input_pos is None:
+            start = cache_pos or 0
+            input_pos = torch.arange(start, start + s, device=tokens.device).expand(b, s)
+        cos, sin = self.rope.cos_sin(input_pos, h.dtype)
+        mask = None
+        if doc_ids is not None:
+            mask = document_causal_mask(doc_ids)
+        elif cache_pos and s > 1:
+            # Chunked prefill: causal against everything already in the cache.
+            kv_len = cache_pos + s
+            q_pos = torch.arange(cache_pos, kv_len, device=tokens.device)
+            mask = (torch.arange(kv_len, device=tokens.device)[None] <= q_pos[:, None])[None, None]
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask=mask, cache_pos=cache_pos)
+        h = self.norm(h)
+        return h if hidden_only else self.head(h)
+
+    def setup_caches(self, batch_size: int, max_seq_len: int) -> None:
+        """Give every attention layer a KV cache (generation); `reset_caches` removes them."""
+        p = self.tok_embeddings.weight
+        for layer in self.layers:
+            attn = layer.attn
+            attn.kv_cache = KVCache(
+                batch_size=batch_size, max_seq_len=max_seq_len, num_kv_heads=attn.num_kv_heads,
+                head_dim=attn.head_dim, dtype=p.dtype, device=p.device,
+            )
+
+    def reset_caches(self) -> None:
+        for layer in self.layers:
+            layer.attn.kv_cache = None

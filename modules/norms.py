@@ -1,0 +1,26 @@
+"""RMSNorm, computed in fp32 like the reference implementations so bf16 runs match them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """`x / rms(x) * weight`. `offset=1.0` gives Gemma's `(1 + weight)` form, whose checkpoints
+    store the weight minus one."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, offset: float = 0.0) -> None:
+        super().__init__()
+        self.eps = eps
+        self.offset = offset
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight + self.offset) * h.to(dtype) if self.offset else self.weight * h.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight) if not self.offset else nn.init.zeros_(self.weight)

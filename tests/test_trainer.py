@@ -1,0 +1,100 @@
+"""The shared training core: accumulation equals a larger batch; a transform keeps the maths."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tunewright.data.collate import collate_padded
+from tunewright.data.sampler import ResumableSampler
+from tunewright.models.args import ModelArgs
+from tunewright.models.builder import init_weights
+from tunewright.models.pretrained import build_model
+from tunewright.training.trainer import Batches, LoopSettings, Trainer, causal_lm_loss
+from tunewright.training.transforms import apply_activation_checkpointing
+
+ARGS = ModelArgs(family="llama", vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                 intermediate_dim=64)
+
+
+def tiny_model() -> torch.nn.Module:
+    model = build_model(ARGS, device="cpu")
+    init_weights(model, seed=0)
+    return model
+
+
+def items(lengths: list[int]) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n in lengths:
+        tokens = torch.randint(1, 64, (n,), generator=g).tolist()
+        labels = tokens[1:] + [-100]
+        labels[: n // 3] = [-100] * (n // 3)  # an unequal number of targets per row
+        out.append({"tokens": tokens, "labels": labels})
+    return out
+
+
+def run_one_step(data: list[dict], *, batch_size: int, accum: int, tmp_path) -> torch.nn.Module:
+    model = tiny_model()
+    sampler = ResumableSampler(len(data), shuffle=False)
+    batches = Batches(data, sampler, batch_size, lambda b: collate_padded(b, pad_id=0))
+    settings = LoopSettings(output_dir=str(tmp_path), batch_size=batch_size, max_steps=1,
+                            gradient_accumulation_steps=accum, clip_grad_norm=None, progress_bar=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    trainer = Trainer(settings, model=model, optimizer=optimizer, train_batches=batches,
+                      loss_fn=causal_lm_loss)
+    history = trainer.fit()
+    model.last_loss = history[0]["loss"]
+    return model
+
+
+def test_gradient_accumulation_equals_larger_batch(tmp_path):
+    data = items([9, 17, 5, 12])  # rows of different lengths and target counts
+    accumulated = run_one_step(data, batch_size=2, accum=2, tmp_path=tmp_path / "a")
+    large = run_one_step(data, batch_size=4, accum=1, tmp_path=tmp_path / "b")
+    assert accumulated.last_loss == pytest.approx(large.last_loss, abs=1e-6)
+    for (name, p), q in zip(accumulated.named_parameters(), large.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+    # and the step really changed the weights (SGD with lr 1)
+    assert not torch.allclose(tiny_model().layers[0].attn.q_proj.weight, large.layers[0].attn.q_proj.weight)
+
+
+def test_activation_checkpointing_keeps_loss_and_grads():
+    data = collate_padded(items([10, 7]), pad_id=0)
+    a, b = tiny_model(), tiny_model()
+    apply_activation_checkpointing(b)
+    la, na = causal_lm_loss(a, data)
+    lb, nb = causal_lm_loss(b, data)
+    (la / na).backward()
+    (lb / nb).backward()
+    assert torch.equal(la, lb)
+    assert list(dict(a.named_parameters())) == list(dict(b.named_parameters()))  # names unchanged
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-7)
+
+
+def test_packed_rows_equal_separate_documents():
+    """A packed row (document mask + restarted positions) gives each document the logits it
+    gets alone, so packing changes speed, not the maths."""
+    model = tiny_model().eval()
+    d1, d2 = torch.randint(1, 64, (1, 6)), torch.randint(1, 64, (1, 9))
+    packed = torch.cat([d1, d2], dim=1)
+    input_pos = torch.cat([torch.arange(6), torch.arange(9)])[None]
+    doc_ids = torch.tensor([[0] * 6 + [1] * 9])
+    with torch.no_grad():
+        got = model(packed, input_pos=input_pos, doc_ids=doc_ids)
+        assert torch.allclose(got[:, :6], model(d1), atol=1e-5)
+        assert torch.allclose(got[:, 6:], model(d2), atol=1e-5)
+
+
+def test_70b_on_meta_device_costs_no_memory():
+    from tunewright.models import find_size
+
+    _, args = find_size("llama3_1_70b")
+    model = build_model(args)  # meta by default
+    n = sum(p.numel() for p in model.parameters())
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert n == args.num_params()
+    assert 70e9 < n < 71e9  # Llama-3.1-70B has 70.55B parameters

@@ -1,0 +1,32 @@
+"""From a built dataset to the resumable batches the training core iterates."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from tunewright.data.collate import collate_padded
+from tunewright.data.sampler import ResumableSampler
+from tunewright.training import distributed as dist
+from tunewright.training.trainer import Batches
+
+
+def make_batches(
+    dataset: Any,
+    *,
+    pad_id: int,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    group_by_length: bool = False,
+) -> Batches:
+    """Batches of this rank's shard, in a seeded order that `state_dict` can resume."""
+    lengths = getattr(dataset, "lengths", None) if group_by_length else None
+    if group_by_length and lengths is None:
+        raise ValueError("group_by_length: this dataset does not expose item lengths (packed data "
+                         "needs no grouping: every row has max_seq_len tokens)")
+    sampler = ResumableSampler(
+        len(dataset), shuffle=shuffle, seed=seed, rank=dist.rank(), world_size=dist.world_size(),
+        group_by_length=group_by_length, lengths=lengths, batch_size=batch_size,
+    )
+    return Batches(dataset, sampler, batch_size, functools.partial(collate_padded, pad_id=pad_id))

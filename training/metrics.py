@@ -1,0 +1,78 @@
+"""One logging path for every recipe: `<output_dir>/metrics.jsonl`, stdout, optional extra sink.
+
+Each logged optimizer step is one JSON object with at least `step`, `loss`, `lr`,
+`tokens_per_second`, plus `time` (unix time when the step finished), `num_tokens` (non-padding
+tokens) and `num_tokens_total` (tokens computed, padding included) so external harnesses can
+time steps by wall clock. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tunewright.training.distributed import is_main
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsWriter:
+    def __init__(self, output_dir: str | Path, *, resume_step: int | None = None, sink: Any = None) -> None:
+        self.path = Path(output_dir) / METRICS_FILE
+        self.sink = sink  # torchtune-style logger: log_dict(payload, step), close()
+        self.enabled = is_main()
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            self._truncate_after(resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run continues the same file; lines logged after the checkpoint (by the run
+        that crashed) are dropped so every step appears once."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the crash
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.sink is not None:
+            self.sink.log_dict({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            if self.sink is not None and hasattr(self.sink, "close"):
+                self.sink.close()
+
+
+def format_record(record: dict[str, Any]) -> str:
+    parts = [f"step {record['step']}"]
+    for key, fmt in (("loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("lr", "{:.2e}"),
+                     ("grad_norm", "{:.3f}"), ("tokens_per_second", "{:.0f}")):
+        if key in record and record[key] is not None:
+            parts.append(f"{key} " + fmt.format(record[key]))
+    return " | ".join(parts)
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,0 +1,39 @@
+"""A tqdm progress bar with loss, tokens/s and ETA; a silent stand-in on other ranks."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+class _Bar:
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            # ETA comes from tqdm's rate over optimizer steps; tokens/s from the step's timer.
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                             file=sys.stderr, disable=None)  # None: off when not a terminal
+
+    def update(self, *, loss: float, tokens_per_second: float) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
+            self._bar.update(1)
+
+    def log(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def progress_bar(*, total: int, initial: int = 0, enabled: bool = True) -> _Bar:
+    return _Bar(total, initial, enabled)

@@ -1,0 +1,124 @@
+"""The tiny model and dataset that every `tiny` config trains, made here, offline, in seconds.
+
+`${tiny:llama}` in a config is a directory holding a random 2-layer Llama in Hugging Face format
+(config.json, model.safetensors, a byte-level BPE tokenizer.json with ChatML special tokens and
+chat template); `${tiny:sft}` an Alpaca-style JSONL file of small string tasks (reverse, upper-
+case, add) that the tiny model learns within a few dozen steps. Both are deterministic and
+cached under `$TUNEWRIGHT_CACHE` (default `~/.cache/tunewright`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+VERSION = "v1"  # bump when the generated content changes, so caches are rebuilt
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TUNEWRIGHT_CACHE", Path.home() / ".cache" / "tunewright"))
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte, as byte-level BPE vocabularies use."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def byte_level_tokenizer_json() -> dict:
+    """A valid HF `tokenizer.json`: one token per byte (id = byte value), no merges, specials."""
+    vocab = {ch: b for b, ch in sorted(bytes_to_unicode().items())}
+    added = [{"id": 256 + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, t in enumerate(SPECIAL_TOKENS)]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": False, "vocab": vocab, "merges": []},
+    }
+
+
+def make_tiny_llama(out: Path) -> None:
+    import torch
+
+    from tunewright.models.args import ModelArgs
+    from tunewright.models.builder import init_weights
+    from tunewright.models.pretrained import build_model, save_pretrained
+
+    args = ModelArgs(family="llama", vocab_size=288, dim=128, num_layers=2, num_heads=4,
+                     num_kv_heads=2, intermediate_dim=256, rope_base=10000.0, max_seq_len=2048,
+                     norm_eps=1e-5)
+    model = build_model(args, device="cpu")
+    init_weights(model, seed=1234)
+    save_pretrained(model, out, dtype=torch.float32)
+    (out / "tokenizer.json").write_text(json.dumps(byte_level_tokenizer_json(), ensure_ascii=False))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "model_max_length": 2048,
+        "chat_template": CHATML_TEMPLATE,
+    }, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 258, "pad_token_id": 256}))
+
+
+def _task(rng: random.Random) -> dict[str, str]:
+    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+    kind = rng.choice(["reverse", "upper", "add"])
+    if kind == "reverse":
+        return {"instruction": "Reverse the letters.", "input": word, "output": word[::-1]}
+    if kind == "upper":
+        return {"instruction": "Write the word in capitals.", "input": word, "output": word.upper()}
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return {"instruction": f"Add {a} and {b}.", "input": "", "output": str(a + b)}
+
+
+def make_tiny_sft(out: Path, *, num_rows: int = 512, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(_task(rng)) for _ in range(num_rows)]
+    (out / "train.jsonl").write_text("\n".join(lines) + "\n")
+
+
+ASSETS: dict[str, tuple[Callable[[Path], None], str]] = {
+    # name -> (maker writing into a directory, the path inside it that configs use)
+    "llama": (make_tiny_llama, ""),
+    "sft": (make_tiny_sft, "train.jsonl"),
+}
+
+
+def tiny_asset(name: str) -> Path:
+    """Path of a tiny asset, making it first if it is not cached yet (safe across processes)."""
+    if name not in ASSETS:
+        raise ValueError(f"unknown tiny asset '{name}' (known: {', '.join(ASSETS)})")
+    maker, inner = ASSETS[name]
+    final = cache_root() / "tiny" / f"{name}-{VERSION}"
+    if not final.exists():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        maker(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final / inner if inner else final

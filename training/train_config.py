@@ -1,0 +1,53 @@
+"""The top-level keys every training recipe accepts (torchtune's names where it has one).
+
+A recipe's schema subclasses `TrainConfig` and adds only the keys that are new about its
+objective; `training/schema.py` rejects anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tunewright.training.schema import component
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    recipe: str
+    output_dir: str
+    model: dict[str, Any] = component(required=True)  # e.g. tunewright.models.load_pretrained
+    tokenizer: dict[str, Any] = component(required=True)
+    dataset: dict[str, Any] = component(supplied=("tokenizer",), required=True)
+    # Held-out split for the validation loss (e.g. the same source with split: train[95%:]).
+    val_dataset: dict[str, Any] | None = component(supplied=("tokenizer",))
+    optimizer: dict[str, Any] = component(supplied=("params",), required=True)
+    lr_scheduler: dict[str, Any] | None = component(supplied=("optimizer", "num_training_steps"))
+    metric_logger: dict[str, Any] | None = component(supplied=("output_dir",))
+
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    num_threads: int | None = None  # torch.set_num_threads; None keeps torch's default
+
+    batch_size: int = 2
+    shuffle: bool = True
+    group_by_length: bool = False
+    gradient_accumulation_steps: int = 1
+    epochs: int = 1
+    max_steps_per_epoch: int | None = None
+    max_steps: int | None = None
+    clip_grad_norm: float | None = 1.0
+    loss_chunk_size: int = 1024  # tokens per chunk of the output head + cross-entropy
+
+    compile: bool = False
+    enable_activation_checkpointing: bool = False
+
+    log_every_n_steps: int = 1
+    eval_every_n_steps: int | None = None
+    max_eval_batches: int | None = None
+    save_every_n_steps: int | None = None
+    keep_last_n_checkpoints: int | None = 2
+    resume_from_checkpoint: bool | str = False  # false | true/auto (latest) | a step directory
+    save_final_model: bool = True  # HF-format weights in <output_dir>/final
+    progress_bar: bool = True
