@@ -20,8 +20,9 @@ from tunewright.tune_cli import catalog
 from tunewright.tune_cli.main import main
 from tunewright.tune_cli.run import parse_run_args, torchrun_argv
 
+MODULE = "tunewright.tune_cli.main"
 TUNE_SCRIPT = Path(sys.executable).parent / "tune"
-TUNE = [str(TUNE_SCRIPT)] if TUNE_SCRIPT.exists() else [sys.executable, "-m", "tunewright.tune_cli.main"]
+TUNE = [str(TUNE_SCRIPT)] if TUNE_SCRIPT.exists() else [sys.executable, "-m", MODULE]
 
 # A recipe as small as the contract allows: a `Config` dataclass and a `main(cfg)` that records
 # the config it was given, so a test can see what the overrides did.
@@ -339,7 +340,8 @@ def test_run_recipe_path_with_overrides(local, capsys):
 
 
 def test_run_shipped_recipe_and_config_by_name(shipped, capsys):
-    code, _, err = run_main(capsys, "run", "full_finetune_single_device", "--config", "llama/tiny_full")
+    argv = ["run", "full_finetune_single_device", "--config", "llama/tiny_full"]
+    code, _, err = run_main(capsys, *argv)
     assert code == 0, err
     assert seen(shipped)["recipe"] == "full_finetune_single_device"
 
@@ -354,6 +356,7 @@ def test_run_shipped_recipe_and_config_by_name(shipped, capsys):
         ("optimizer.params=1", "key 'optimizer.params' is set by the recipe"),
         ("steps", "override 'steps' must look like key=value or ~key"),
         ("~nope", "cannot delete 'nope': no such key"),
+        ("optimizer._component_=torch.optim.Nope", "cannot import torch.optim.Nope"),
     ],
 )
 def test_run_bad_config_fails_before_main(local, capsys, override, message):
@@ -369,13 +372,16 @@ def test_run_bad_config_fails_before_main(local, capsys, override, message):
     [
         ("{d}/my_recipe.py", "{d}/nope.yaml", "config file not found: "),
         ("{d}/nope.py", "{d}/my.yaml", "recipe file not found: "),
-        ("full_finetune_single_devce", "{d}/my.yaml", "(did you mean 'full_finetune_single_device'"),
+        ("full_finetune_single_devce", "{d}/my.yaml", "did you mean 'full_finetune_single_device'"),
         ("{d}/my_recipe.py", "llama/tiny_fulll", "(did you mean 'llama/tiny_full'"),
+        ("{d}/my_recipe", "{d}/my.yaml", "did you mean the file '{d}/my_recipe.py'"),
+        ("{d}/my_recipe.py", "{d}/my", "did you mean the file '{d}/my.yaml'"),
     ],
 )
 def test_run_unknown_recipe_or_config(shipped, local, capsys, recipe, config, message):
-    code, _, err = run_main(capsys, "run", recipe.format(d=local), "--config", config.format(d=local))
-    assert_one_error(code, err, message)
+    argv = ["run", recipe.format(d=local), "--config", config.format(d=local)]
+    code, _, err = run_main(capsys, *argv)
+    assert_one_error(code, err, message.format(d=local))
 
 
 def test_run_recipe_mismatch_is_one_line(shipped, capsys):
@@ -478,7 +484,7 @@ def test_console_script_run_and_errors(local):
 
 def test_python_dash_m_entry_point(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "tunewright.tune_cli.main", "cp", "nope", str(tmp_path)],
+        [sys.executable, "-m", MODULE, "cp", "nope", str(tmp_path)],
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 2

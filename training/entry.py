@@ -62,6 +62,8 @@ def exit_on_user_error(fn: Callable[[], Any]) -> Any:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, KeyError):
             msg = f"missing key {msg}"
+        if not isinstance(e, ConfigError):
+            msg += " (TUNEWRIGHT_DEBUG=1 shows the traceback)"
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
 

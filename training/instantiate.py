@@ -17,10 +17,11 @@ from tunewright.training.config import ConfigError
 COMPONENT_KEY = "_component_"
 
 
-def resolve_component(path: str, *, key: str = "_component_") -> Callable[..., Any]:
-    """Import a dotted path such as `torch.optim.AdamW` or `tunewright.data.sft_dataset`."""
+def resolve_component(path: str, *, where: str = "key '_component_'") -> Callable[..., Any]:
+    """Import a dotted path such as `torch.optim.AdamW` or `tunewright.data.sft_dataset`;
+    `where` names the config key in error messages."""
     if not isinstance(path, str) or not path:
-        raise ConfigError(f"'{key}' must be a dotted path such as torch.optim.AdamW, got {path!r}")
+        raise ConfigError(f"{where} must be a dotted path such as torch.optim.AdamW, got {path!r}")
     parts = path.split(".")
     # Longest importable module prefix, then attributes (classes may hold static builders).
     for split in range(len(parts), 0, -1):
@@ -37,9 +38,9 @@ def resolve_component(path: str, *, key: str = "_component_") -> Callable[..., A
         except AttributeError:
             break
         if not callable(obj):
-            raise ConfigError(f"'{key}': {path} is not callable")
+            raise ConfigError(f"{where}: {path} is not callable")
         return obj
-    raise ConfigError(f"'{key}': cannot import {path}")
+    raise ConfigError(f"{where}: cannot import {path}")
 
 
 def is_component(node: Any) -> bool:

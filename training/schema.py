@@ -60,6 +60,9 @@ def matches(value: Any, tp: Any) -> bool:
         return value is None
     if is_component(value):
         return True  # built at run time; its own signature is checked separately
+    if getattr(tp, "__name__", "") == "Tensor":
+        # torch annotates hyper-parameters as `float | Tensor`; from YAML only a number fits.
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -85,7 +88,7 @@ def _hints(obj: Any) -> dict[str, Any]:
 
 
 def check_component(node: dict, key: str, source: str, supplied: tuple[str, ...] = ()) -> None:
-    fn = resolve_component(node[COMPONENT_KEY], key=f"{source}: {key}._component_")
+    fn = resolve_component(node[COMPONENT_KEY], where=f"{source}: key '{key}._component_'")
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):

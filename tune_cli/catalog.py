@@ -67,6 +67,8 @@ def find_recipe(arg: str) -> tuple[Path, str | None]:
     path = Path(arg).expanduser()
     if path.is_file():
         return path.resolve(), None
+    if path.name and path.with_name(path.name + ".py").is_file():
+        raise UsageError(f"no recipe '{arg}' (did you mean the file '{arg}.py'?)")
     if arg.endswith(".py") or "/" in arg or "\\" in arg:
         raise UsageError(f"recipe file not found: {arg}{suggest(path.stem, list(shipped))}")
     raise UsageError(
@@ -86,6 +88,8 @@ def find_config(arg: str) -> tuple[Path, str | None]:
         return shipped[name], name
     if arg.endswith((".yaml", ".yml")):
         raise UsageError(f"config file not found: {arg}{suggest(name, list(shipped))}")
+    if path.name and path.with_name(path.name + ".yaml").is_file():
+        raise UsageError(f"no config '{arg}' (did you mean the file '{arg}.yaml'?)")
     raise UsageError(
         f"unknown config '{arg}'{suggest(name, list(shipped))}; `tune ls` lists the configs, "
         "or pass a path to a YAML file"

@@ -14,6 +14,8 @@ from typing import Callable, NoReturn, Sequence
 
 import tunewright
 from tunewright.tune_cli.catalog import UsageError, cmd_cp, cmd_ls, suggest
+from tunewright.tune_cli.config_cmds import cmd_cat, cmd_validate
+from tunewright.tune_cli.download import DEFAULT_IGNORE, cmd_download
 
 EPILOG = """\
 examples:
@@ -52,9 +54,6 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and the parser of each command."""
-    from tunewright.tune_cli.config_cmds import cmd_cat, cmd_validate  # both light at import
-    from tunewright.tune_cli.download import DEFAULT_IGNORE, cmd_download
-
     parser = _Parser(
         prog="tune",
         description="Fine-tune LLMs in plain PyTorch: recipes, YAML configs, torchrun launch.",
@@ -156,11 +155,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _dispatch(argv)
-    except SystemExit as e:  # argparse's --help / --version
-        return e.code if isinstance(e.code, int) else 0
+    except SystemExit as e:  # argparse's --help / --version, or a recipe calling sys.exit
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tune cat CFG | head`: the reader left; Python's advice on EPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except _user_errors() as e:
         if os.environ.get("TUNEWRIGHT_DEBUG"):
             raise

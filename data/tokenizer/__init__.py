@@ -74,44 +74,37 @@ def load_tokenizer(
 
 def _engine(path: Path, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The engine class and its keyword arguments for the tokenizer file(s) at `path`."""
-    from tunewright.data.tokenizer.bpe import BPETokenizer
+    from tunewright.data.tokenizer import hf_bpe
+    from tunewright.data.tokenizer.bpe import BPETokenizer, read_tiktoken_file
     from tunewright.data.tokenizer.sentencepiece import SentencePieceTokenizer
 
-    directory = path if path.is_dir() else path.parent
+    json_file = vocab = merges = model_file = None
     if path.is_dir():
         json_file, model_file = path / "tokenizer.json", path / "tokenizer.model"
         vocab, merges = path / "vocab.json", path / "merges.txt"
+    elif path.name == "vocab.json":
+        vocab, merges = path, path.parent / "merges.txt"
+    elif path.suffix == ".json":
+        json_file, model_file = path, path.parent / "tokenizer.model"
     else:
-        is_json = path.suffix == ".json" and path.name != "vocab.json"
-        json_file, model_file = (path, directory / "tokenizer.model") if is_json else (Path("/nonexistent"), path)
-        vocab, merges = (path, directory / "merges.txt") if path.name == "vocab.json" else (Path("/nonexistent"),) * 2
-    if json_file.is_file():
-        from tunewright.data.tokenizer.hf_bpe import read_tokenizer_json
+        model_file = path
 
+    if json_file and json_file.is_file():
         try:
-            return BPETokenizer, read_tokenizer_json(json_file)
+            return BPETokenizer, hf_bpe.read_tokenizer_json(json_file)
         except ValueError:
-            if not model_file.is_file():
-                raise
-    if vocab.is_file() and merges.is_file():
-        from tunewright.data.tokenizer.hf_bpe import read_vocab_merges
-
+            if not (model_file and model_file.is_file()):
+                raise  # else: a SentencePiece-style tokenizer.json, use the model file instead
+    # Added tokens named only in tokenizer_config.json (tokenizer.json lists its own).
+    config_special = {"special_ids": config["special_ids"]} if config["added"] else {}
+    if vocab and merges and vocab.is_file() and merges.is_file():
         vocab_ids = json.loads(vocab.read_text(encoding="utf-8"))
-        names = {config[r]: vocab_ids[config[r]] for r in ("bos", "eos", "pad", "unk") if config[r] in vocab_ids}
-        return BPETokenizer, read_vocab_merges(vocab, merges, {**names, **config["added"]})
-    if model_file.is_file():
+        named = {config[r]: vocab_ids[config[r]] for r in ("bos", "eos", "pad", "unk") if config[r] in vocab_ids}
+        kwargs = hf_bpe.read_vocab_merges(vocab, merges, {**named, **config["added"]})
+        return BPETokenizer, {**kwargs, **config_special}
+    if model_file and model_file.is_file():
         if _is_tiktoken_file(model_file):
-            from tunewright.data.tokenizer.bpe import LLAMA3_PATTERN, read_tiktoken_ranks
-
-            special = config["added"] or None
-            kwargs: dict[str, Any] = {"ranks": read_tiktoken_ranks(model_file), "pattern": LLAMA3_PATTERN}
-            if special is None:
-                from tunewright.data.tokenizer.bpe import llama3_special_tokens
-
-                special = {t: len(kwargs["ranks"]) + i for i, t in enumerate(llama3_special_tokens())}
-                kwargs["bos_id"] = special["<|begin_of_text|>"]
-                kwargs["eos_id"] = special["<|end_of_text|>"]
-            return BPETokenizer, {**kwargs, "added_tokens": special}
+            return BPETokenizer, {**read_tiktoken_file(model_file, config["added"] or None), **config_special}
         return SentencePieceTokenizer, {"path": model_file, "added_tokens": config["added"]}
     raise ValueError(
         f"{path}: no tokenizer found (expected tokenizer.json, vocab.json + merges.txt or tokenizer.model)"
@@ -133,7 +126,9 @@ def _read_config(directory: Path) -> dict[str, Any]:
     for role in ("bos", "eos", "pad", "unk"):
         value = tok_cfg.get(f"{role}_token", special_map.get(f"{role}_token"))
         out[role] = value.get("content") if isinstance(value, dict) else value
-    out["added"] = {v["content"]: int(k) for k, v in tok_cfg.get("added_tokens_decoder", {}).items()}
+    added = tok_cfg.get("added_tokens_decoder", {})
+    out["added"] = {v["content"]: int(k) for k, v in added.items()}
+    out["special_ids"] = [int(k) for k, v in added.items() if v.get("special", True)]
     eos_ids = gen_cfg.get("eos_token_id")
     out["eos_ids"] = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
     out["pad_token_id"] = gen_cfg.get("pad_token_id")

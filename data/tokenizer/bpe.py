@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import unicodedata
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from tunewright.data.tokenizer import chat
 
@@ -66,6 +66,29 @@ def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
         except ValueError as e:
             raise ValueError(f"{path}: line {line_no} is not `base64-token rank`") from e
     return ranks
+
+
+def read_tiktoken_file(
+    path: str | Path,
+    special_tokens: Sequence[str] | Mapping[str, int] | None = None,
+    *,
+    pattern: str = LLAMA3_PATTERN,
+) -> dict[str, Any]:
+    """Keyword arguments of `BPETokenizer` for a tiktoken ranks file plus special tokens.
+
+    The defaults are Llama-3's pattern and special tokens. A list of special tokens is numbered
+    from the number of ranks, as Meta's code does.
+    """
+    ranks = read_tiktoken_ranks(path)
+    if special_tokens is None:
+        special_tokens = llama3_special_tokens()
+    if not isinstance(special_tokens, Mapping):
+        special_tokens = {t: len(ranks) + i for i, t in enumerate(special_tokens)}
+    kwargs: dict[str, Any] = {"ranks": ranks, "pattern": pattern, "added_tokens": dict(special_tokens)}
+    for role, name in (("bos", "<|begin_of_text|>"), ("eos", "<|end_of_text|>")):
+        if name in special_tokens:
+            kwargs[f"{role}_id"] = special_tokens[name]
+    return kwargs
 
 
 class BPETokenizer:
@@ -143,20 +166,8 @@ class BPETokenizer:
         special_tokens: Sequence[str] | Mapping[str, int] | None = None,
         **kwargs,
     ) -> BPETokenizer:
-        """Ranks file plus special tokens; the defaults are Llama-3's pattern and tokens.
-
-        A list of special tokens is numbered from the number of ranks, as Meta's code does.
-        """
-        ranks = read_tiktoken_ranks(path)
-        if special_tokens is None:
-            special_tokens = llama3_special_tokens()
-        if not isinstance(special_tokens, Mapping):
-            special_tokens = {t: len(ranks) + i for i, t in enumerate(special_tokens)}
-        added = dict(special_tokens)
-        kwargs.setdefault("bos_id", added.get("<|begin_of_text|>"))
-        if "<|end_of_text|>" in added:
-            kwargs.setdefault("eos_id", added["<|end_of_text|>"])
-        return cls(ranks, pattern, added, **kwargs)
+        """A tiktoken ranks file (see `read_tiktoken_file`); `kwargs` override what it implies."""
+        return cls(**{**read_tiktoken_file(path, special_tokens, pattern=pattern), **kwargs})
 
     @classmethod
     def from_tokenizer_json(cls, path: str | Path, **kwargs) -> BPETokenizer:
@@ -186,7 +197,10 @@ class BPETokenizer:
         if skip_special:
             ids = [i for i in ids if i not in self.special_ids]
         # Joined first: one character's bytes may be split across tokens.
-        return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
+        try:
+            return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]} is not in the vocabulary") from None
 
     def tokenize_messages(
         self, messages: Sequence[Message], *, add_generation_prompt: bool = False

@@ -111,8 +111,9 @@ class ChatFormat:
     ) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the [start, end) character span of each assistant turn."""
         template = _compile(self.template)
-        messages = [dict(m) for m in messages]
-        kwargs = {**self.template_vars, "add_generation_prompt": add_generation_prompt}
+        # As transformers: keys set to None are dropped, and tools/documents are passed as None.
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        kwargs = {"tools": None, "documents": None, **self.template_vars, "add_generation_prompt": add_generation_prompt}
         if _GENERATION_TAG.search(self.template):
             blocks: list[str] = []
             spans: list[tuple[int, int]] = []
@@ -135,9 +136,10 @@ class ChatFormat:
             try:
                 before = template.render(messages=messages[:k], **{**kwargs, "add_generation_prompt": True})
                 through = template.render(messages=messages[: k + 1], **{**kwargs, "add_generation_prompt": False})
+                rendered = True
             except Exception:  # a template may refuse a prefix (e.g. one that must end with a user turn)
-                before = through = ""
-            if before and text.startswith(before) and text.startswith(through) and len(through) > len(before):
+                before, through, rendered = "", "", False
+            if rendered and text.startswith(before) and text.startswith(through) and len(through) > len(before):
                 start, end = len(before), len(through)
             else:
                 start, end = self._find_content(text, message, max(cursor, _common_prefix(before, text)))
@@ -154,7 +156,7 @@ class ChatFormat:
             raise ValueError("chat template rewrites assistant content; cannot tell which tokens to train on")
         end = start + len(content)
         markers = [t for t in END_OF_TURN_TOKENS if t in self.template]
-        markers += [v for k, v in self.template_vars.items() if k == "eos_token" and v]
+        markers += [self.template_vars["eos_token"]] if self.template_vars.get("eos_token") else []
         for marker in markers:
             if text.startswith(marker, end):
                 end += len(marker)

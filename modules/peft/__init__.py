@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning as functions on a built model: LoRA, RSLoRA, DoRA, QLoRA."""
