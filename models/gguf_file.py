@@ -30,7 +30,7 @@ _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 
 _STRING, _ARRAY = 8, 9
 _FLOAT32 = 6
 
-# ggml types `gguf.quants.dequantize` handles that a llama checkpoint uses in practice.
+# ggml types that `gguf.quants.dequantize` handles and llama checkpoints use in practice.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
@@ -57,6 +57,9 @@ class GGUFFile:
         from gguf.quants import dequantize
 
         info = self.tensors[name]
+        if info.type_name not in SUPPORTED_TYPES:
+            raise ValueError(f"{self.path}: tensor '{name}' is {info.type_name}, which is not "
+                             f"supported (supported: {', '.join(SUPPORTED_TYPES)})")
         with open(self.path, "rb") as f:
             raw = np.fromfile(f, dtype=np.uint8, count=info.num_bytes, offset=info.offset)
         if raw.size != info.num_bytes:
@@ -113,7 +116,11 @@ class _Cursor:
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
-    """Parse the header of a GGUF file and check its tensor table against the file."""
+    """Parse the header of a GGUF file and check its tensor table against the file size.
+
+    Tensor types are not checked against `SUPPORTED_TYPES` here (callers first say what else
+    is wrong with a file); `GGUFFile.tensor` refuses them.
+    """
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
@@ -159,9 +166,6 @@ def read_gguf(path: str | Path) -> GGUFFile:
             qtype = GGMLQuantizationType(type_id)
         except ValueError:
             raise ValueError(f"{path}: tensor '{name}' has unknown ggml type id {type_id}") from None
-        if qtype.name not in SUPPORTED_TYPES:
-            raise ValueError(f"{path}: tensor '{name}' is {qtype.name}, which is not supported "
-                             f"(supported: {', '.join(SUPPORTED_TYPES)})")
         block, block_bytes = GGML_QUANT_SIZES[qtype]
         if not ne or ne[0] % block:
             raise ValueError(f"{path}: tensor '{name}' has shape {ne}, not whole {qtype.name} blocks")

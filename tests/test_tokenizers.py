@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from tok_assets import (
     SAMPLE,
+    cached_file,
     package_file,
     quicktok_ranks,
     quicktok_specials,
@@ -30,13 +31,27 @@ from tunewright.data.tokenizer.bpe import LLAMA3_PATTERN
 tokenizers = pytest.importorskip("tokenizers")
 
 QWEN_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2/3 split digits singly
+TEXTS = [*SAMPLE, "\n".join(SAMPLE)]
 # Text with special tokens inside, which HF encodes as single ids.
 SPECIAL_TEXTS = {
     "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>x<|eot_id|>",
     "qwen3": "<|im_start|>user\nhi 42<|im_end|>\n<|im_start|>assistant\n<think>\nok</think><|endoftext|>",
     "mistral": "<s>[INST] hi [/INST] hello</s>[INST] yo [/INST]</s>x",
 }
-TEXTS = [*SAMPLE, "\n".join(SAMPLE)]
+SMOLLM2_TEMPLATE = (  # HuggingFaceTB/SmolLM2-*-Instruct's chat_template
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 17 * 3?"},
+    {"role": "assistant", "content": "51."},
+    {"role": "user", "content": "And in words, with an emoji? 🤔"},
+    {"role": "assistant", "content": "  Fifty-one 🎉\n\nDone. "},
+]
 
 
 # -- assets: each built once per session ------------------------------------------------------
@@ -53,21 +68,25 @@ def llama3_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama3_reference(llama3_dir, tmp_path_factory) -> Path:
     """HF tokenizer.json of the same ranks, made by transformers' TikTokenConverter."""
-    path = tmp_path_factory.mktemp("llama3_hf") / "tokenizer.json"
-    return write_hf_tokenizer_json(
-        llama3_dir / "tokenizer.model", LLAMA3_PATTERN, quicktok_specials("llama3"), path, nfc=False
-    )
+    specials = quicktok_specials("llama3")
+    ranks_file = llama3_dir / "tokenizer.model"
+    build = lambda path: write_hf_tokenizer_json(ranks_file, LLAMA3_PATTERN, specials, path, nfc=False)  # noqa: E731
+    return cached_file("llama3-tokenizer.json", build)
 
 
 @pytest.fixture(scope="session")
 def qwen3_dir(tmp_path_factory) -> Path:
     """Qwen3 as an HF directory: tokenizer.json (NFC normaliser, Split regex) + tokenizer_config."""
     directory = tmp_path_factory.mktemp("qwen3")
-    ranks_file = write_tiktoken_file(quicktok_ranks("qwen3"), directory / "ranks.tiktoken")
-    write_hf_tokenizer_json(ranks_file, QWEN_PATTERN, quicktok_specials("qwen3"), directory / "tokenizer.json", True)
-    ranks_file.unlink()
-    config = {"chat_template": SMOLLM2_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": None}))
+
+    def build(path: Path) -> None:
+        ranks_file = write_tiktoken_file(quicktok_ranks("qwen3"), directory / "ranks.tiktoken")
+        write_hf_tokenizer_json(ranks_file, QWEN_PATTERN, quicktok_specials("qwen3"), path, nfc=True)
+        ranks_file.unlink()
+
+    shutil.copy(cached_file("qwen3-tokenizer.json", build), directory / "tokenizer.json")
+    config = {"chat_template": SMOLLM2_TEMPLATE, "bos_token": None, "eos_token": "<|im_end|>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<|endoftext|>"}))
     return directory
 
 
@@ -89,7 +108,8 @@ def mistral_reference(mistral_dir):
     sp = sentencepiece.SentencePieceProcessor(model_file=str(mistral_dir / "tokenizer.model"))
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     merges = generate_merges(vocab, {piece: sp.get_score(i) for piece, i in vocab.items()})
-    ref = tokenizers.Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    model = models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True)
+    ref = tokenizers.Tokenizer(model)
     ref.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     ref.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     ref.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
@@ -116,13 +136,17 @@ def assert_same_ids(ours, reference_encode, texts) -> None:
         assert ours.encode(text) == reference_encode(text), text
 
 
+def hf_ids(reference: tokenizers.Tokenizer):
+    return lambda text: reference.encode(text, add_special_tokens=False).ids
+
+
 # -- engines against references ---------------------------------------------------------------
 
 
 def test_llama3_tiktoken_file_matches_hf_tokenizer_and_known_ids(llama3, llama3_reference):
     ref = tokenizers.Tokenizer.from_file(str(llama3_reference))
     assert llama3.encode("hello world") == [15339, 1917]  # Meta's published example ids
-    assert_same_ids(llama3, lambda t: ref.encode(t, add_special_tokens=False).ids, TEXTS + [SPECIAL_TEXTS["llama3"]])
+    assert_same_ids(llama3, hf_ids(ref), TEXTS + [SPECIAL_TEXTS["llama3"]])
     assert (llama3.bos_id, llama3.eos_id, llama3.vocab_size) == (128000, 128001, 128256)
     assert {128001, 128009} <= llama3.stop_ids  # end_of_text and the chat format's eot_id
     assert llama3.encode("hi", add_bos=True, add_eos=True) == [128000, 6151, 128001]
@@ -135,8 +159,7 @@ def test_qwen3_tokenizer_json_matches_hf_tokenizers(qwen3, qwen3_dir):
     ref = tokenizers.Tokenizer.from_file(str(qwen3_dir / "tokenizer.json"))
     assert qwen3.encode("hello world") == [14990, 1879]
     decomposed = "Cafe\u0301 n\u0303 A\u030a"  # NFC composes these before BPE, in both
-    texts = TEXTS + [SPECIAL_TEXTS["qwen3"], decomposed]
-    assert_same_ids(qwen3, lambda t: ref.encode(t, add_special_tokens=False).ids, texts)
+    assert_same_ids(qwen3, hf_ids(ref), TEXTS + [SPECIAL_TEXTS["qwen3"], decomposed])
     assert (qwen3.bos_id, qwen3.eos_id, qwen3.pad_id) == (None, 151645, 151643)  # from tokenizer_config
     for text in TEXTS + [SPECIAL_TEXTS["qwen3"]]:
         assert qwen3.decode(qwen3.encode(text)) == text
@@ -148,7 +171,9 @@ def _train_bpe(directory: Path, *, digits: bool, shuffle_ids: bool = False) -> t
 
     tok = tokenizers.Tokenizer(models.BPE())
     steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), *steps] if digits else steps)
+    if digits:
+        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=700,
@@ -175,8 +200,8 @@ def test_smollm2_style_digits_pre_tokenizer_matches_hf(tmp_path, shuffle_ids):
     ref = _train_bpe(tmp_path, digits=True, shuffle_ids=shuffle_ids)
     ours = load_tokenizer(tmp_path / "tokenizer.json")
     # Spaces before a digit end a piece under Digits + ByteLevel: "abc  5" is "abc", "  ", "5".
-    texts = TEXTS + ["abc  5 and  55\t 7", "item 12: 444 costs $18.00, isn't it?  \n 2 ", "<|im_start|>x 1<|im_end|>"]
-    assert_same_ids(ours, lambda t: ref.encode(t).ids, texts)
+    texts = [*TEXTS, "abc  5 and  55\t 7", "costs $18.00, isn't it?  \n 2 ", "<|im_start|>x 1<|im_end|>"]
+    assert_same_ids(ours, lambda text: ref.encode(text).ids, texts)
     assert ours.eos_id == 0  # <|endoftext|>, found by name without a config
     for text in texts:
         assert ours.decode(ours.encode(text)) == text
@@ -185,10 +210,11 @@ def test_smollm2_style_digits_pre_tokenizer_matches_hf(tmp_path, shuffle_ids):
 def test_gpt2_style_vocab_json_and_merges_txt(tmp_path):
     ref = _train_bpe(tmp_path / "trained", digits=False)
     ref.model.save(str(tmp_path))  # writes vocab.json + merges.txt
-    config = {"eos_token": "<|endoftext|>", "added_tokens_decoder": {"0": {"content": "<|endoftext|>", "special": True}}}
+    added = {"0": {"content": "<|endoftext|>", "special": True}}
+    config = {"eos_token": "<|endoftext|>", "added_tokens_decoder": added}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     ours = load_tokenizer(tmp_path)
-    assert_same_ids(ours, lambda t: ref.encode(t).ids, TEXTS + ["x<|endoftext|>y"])
+    assert_same_ids(ours, lambda text: ref.encode(text).ids, TEXTS + ["x<|endoftext|>y"])
     assert ours.eos_id == 0 and ours.decode(ours.encode("x<|endoftext|>y"), skip_special=True) == "xy"
 
 
@@ -197,53 +223,39 @@ def test_mistral_sentencepiece_matches_sentencepiece_and_hf(mistral, mistral_dir
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(mistral_dir / "tokenizer.model"))
     assert mistral.encode("Hello world") == sp.encode("Hello world") == [22557, 1526]
-    assert_same_ids(mistral, sp.encode, TEXTS[:-1])  # no special tokens: plain SentencePiece
+    assert_same_ids(mistral, sp.encode, TEXTS)  # no special tokens: plain SentencePiece
     texts = TEXTS + [SPECIAL_TEXTS["mistral"], "a</s> b"]
-    assert_same_ids(mistral, lambda t: mistral_reference.encode(t, add_special_tokens=False).ids, texts)
+    assert_same_ids(mistral, hf_ids(mistral_reference), texts)
     assert (mistral.bos_id, mistral.eos_id, mistral.pad_id, mistral.vocab_size) == (1, 2, 0, 32000)
     assert mistral.encode("hi", add_bos=True, add_eos=True) == [1, *sp.encode("hi"), 2]
     for text in texts:
         assert mistral.decode(mistral.encode(text)) == text
-    assert mistral.decode(mistral.encode(SPECIAL_TEXTS["mistral"]), skip_special=True) == sp.decode(
-        sp.encode("[INST] hi [/INST] hello")
-    ) + "[INST] yo [/INST]x"
+    plain = mistral.decode(mistral.encode(SPECIAL_TEXTS["mistral"]), skip_special=True)
+    assert plain == "[INST] hi [/INST] hello[INST] yo [/INST]x"
 
 
 # -- chat templates against transformers' apply_chat_template --------------------------------
 
-SMOLLM2_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-CONVERSATION = [
-    {"role": "system", "content": "You are terse."},
-    {"role": "user", "content": "What is 17 * 3?"},
-    {"role": "assistant", "content": "51."},
-    {"role": "user", "content": "And in words, with an emoji? 🤔"},
-    {"role": "assistant", "content": "  Fifty-one 🎉\n\nDone. "},
-]
+# What each format trains on after an assistant message's content.
 EOT = {"qwen3": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "</s>", "llama2": " </s>"}
 
 
-def _hf_tokenizer(name, qwen3_dir, llama3_reference, mistral_reference, template):
+def _hf_tokenizer(request, name: str, template: str | None):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if name == "qwen3":
-        return AutoTokenizer.from_pretrained(str(qwen3_dir))  # the same directory we load
+    if name == "qwen3":  # the same directory we load, template from its tokenizer_config.json
+        return AutoTokenizer.from_pretrained(str(request.getfixturevalue("qwen3_dir")))
     if name == "llama3":
-        return PreTrainedTokenizerFast(
-            tokenizer_file=str(llama3_reference), bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
-            chat_template=template,
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=mistral_reference, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        chat_template=template,
-    )
+        reference = str(request.getfixturevalue("llama3_reference"))
+        names = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+        return PreTrainedTokenizerFast(tokenizer_file=reference, chat_template=template, **names)
+    reference = request.getfixturevalue("mistral_reference")
+    names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    return PreTrainedTokenizerFast(tokenizer_object=reference, chat_template=template, **names)
 
 
-def _masked_texts(tok, ids, mask) -> list[str]:
+def _masked_texts(tok, ids: list[int], mask: list[bool]) -> list[str]:
+    """Decoded runs of consecutive trained-on tokens."""
     runs, run = [], []
     for id_, trained in zip(ids, mask):
         if trained:
@@ -253,21 +265,25 @@ def _masked_texts(tok, ids, mask) -> list[str]:
     return [tok.decode(r) for r in runs + ([run] if run else [])]
 
 
-@pytest.mark.parametrize("name,template", [("qwen3", None), ("llama3", "llama3"), ("mistral", "mistral"), ("mistral", "llama2")])
+@pytest.mark.parametrize(
+    "name,template", [("qwen3", None), ("llama3", "llama3"), ("mistral", "mistral"), ("mistral", "llama2")]
+)
 @pytest.mark.parametrize("generation_prompt", [False, True])
 def test_chat_ids_equal_apply_chat_template_and_mask_is_assistant_turns(
-    request, name, template, generation_prompt, qwen3_dir, llama3_reference, mistral_reference
+    request, name, template, generation_prompt
 ):
     from tunewright.data.tokenizer.chat import NAMED_TEMPLATES
 
-    tok = request.getfixturevalue(name) if template is None else load_tokenizer(
-        request.getfixturevalue(f"{name}_dir"), chat_template=template
-    )
-    hf = _hf_tokenizer(name, qwen3_dir, llama3_reference, mistral_reference, template and NAMED_TEMPLATES[template])
+    if template is None:  # the model's own Jinja template
+        tok = request.getfixturevalue(name)
+    else:
+        tok = load_tokenizer(request.getfixturevalue(f"{name}_dir"), chat_template=template)
+    hf = _hf_tokenizer(request, name, template and NAMED_TEMPLATES[template])
     messages = CONVERSATION[:-1] if generation_prompt else CONVERSATION
     ids, mask = tok.tokenize_messages(messages, add_generation_prompt=generation_prompt)
     expected = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
     assert ids == expected["input_ids"]
+
     assistant = [m["content"] for m in messages if m["role"] == "assistant"]
     if template in ("llama3", "llama2"):  # these templates strip the content
         assistant = [content.strip() for content in assistant]
@@ -283,16 +299,17 @@ def test_generation_tags_give_the_same_mask_as_transformers(qwen3, qwen3_dir):
 
     from tunewright.data.tokenizer.chat import ChatFormat
 
-    template = SMOLLM2_TEMPLATE.replace(
-        "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}",
+    turn = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    tagged = (
         "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
         "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-        "{% else %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endif %}",
+        "{% else %}" + turn + "{% endif %}"
     )
+    template = SMOLLM2_TEMPLATE.replace(turn, tagged)
+    assert template != SMOLLM2_TEMPLATE
     hf = AutoTokenizer.from_pretrained(str(qwen3_dir))
-    expected = hf.apply_chat_template(
-        CONVERSATION, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
+    options = {"tokenize": True, "return_dict": True, "return_assistant_tokens_mask": True}
+    expected = hf.apply_chat_template(CONVERSATION, chat_template=template, **options)
     saved = qwen3.chat_format
     qwen3.chat_format = ChatFormat(template, template_vars=saved.template_vars)
     try:
@@ -322,7 +339,8 @@ def test_template_that_rewrites_earlier_turns_still_masks_each_turn(qwen3):
     finally:
         qwen3.chat_format = saved
     assert ids == qwen3.encode(text)
-    assert _masked_texts(qwen3, ids, mask) == ["51.<|im_end|>", "<think>\n\n</think>\n\n" + CONVERSATION[-1]["content"] + "<|im_end|>"]
+    last = "<think>\n\n</think>\n\n" + CONVERSATION[-1]["content"] + "<|im_end|>"
+    assert _masked_texts(qwen3, ids, mask) == ["51.<|im_end|>", last]
 
 
 def test_max_seq_len_cuts_ids_and_mask(llama3_dir):
@@ -351,13 +369,13 @@ def test_bad_paths_raise_value_error_naming_the_path(tmp_path):
         load_tokenizer(wordpiece.parent)
 
 
-
 def test_unknown_chat_template_name_is_rejected(llama3_dir):
     with pytest.raises(ValueError, match="unknown chat template 'vicuna'"):
         load_tokenizer(llama3_dir, chat_template="vicuna")
 
 
 def test_importing_the_package_loads_no_engine():
-    code = "import sys, tunewright.data.tokenizer; print(sorted({'tiktoken', 'sentencepiece', 'jinja2'} & set(sys.modules)))"
+    engines = "{'tiktoken', 'sentencepiece', 'jinja2'}"
+    code = f"import sys, tunewright.data.tokenizer; print(sorted({engines} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

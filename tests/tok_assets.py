@@ -7,10 +7,14 @@ SentencePiece model; their files are found by path, the packages are never impor
 from __future__ import annotations
 
 import base64
+import importlib.metadata
 import importlib.util
 import json
+import os
 import struct
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 # A sample that exercises the pre-tokenizer regexes: digits, whitespace runs, punctuation,
 # emoji, CJK, code, contractions, accents, unusual whitespace.
@@ -66,7 +70,22 @@ def write_tiktoken_file(ranks: dict[bytes, int], path: Path) -> Path:
     return path
 
 
-def write_hf_tokenizer_json(ranks_file: Path, pattern: str, specials: dict[str, int], path: Path, nfc: bool) -> Path:
+def cached_file(name: str, build: Callable[[Path], object]) -> Path:
+    """`build(path)` once into the test cache ($TUNEWRIGHT_CACHE), shared by xdist workers and
+    later runs; keyed by the versions of the libraries that make the reference files."""
+    versions = "-".join(importlib.metadata.version(p) for p in ("tokenizers", "transformers", "quicktok-v1"))
+    path = Path(os.environ.get("TUNEWRIGHT_CACHE", tempfile.gettempdir())) / "tokenizers" / versions / name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        build(partial)
+        os.replace(partial, path)  # atomic: a concurrent worker sees all of it or nothing
+    return path
+
+
+def write_hf_tokenizer_json(
+    ranks_file: Path, pattern: str, specials: dict[str, int], path: Path, *, nfc: bool
+) -> Path:
     """An HF tokenizer.json converted from a tiktoken ranks file by transformers' converter."""
     from tokenizers import normalizers
     from transformers.convert_slow_tokenizer import TikTokenConverter

@@ -7,10 +7,10 @@ from typing import Any
 
 
 class _Bar:
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self, total: int, initial: int, enabled: bool, show: bool) -> None:
+        self.enabled = enabled  # print metric lines (rank 0)
         self._bar: Any = None
-        if enabled:
+        if enabled and show:
             from tqdm import tqdm
 
             # ETA comes from tqdm's rate over optimizer steps; tokens/s from the step's timer.
@@ -35,5 +35,7 @@ class _Bar:
             self._bar.close()
 
 
-def progress_bar(*, total: int, initial: int = 0, enabled: bool = True) -> _Bar:
-    return _Bar(total, initial, enabled)
+def progress_bar(*, total: int, initial: int = 0, enabled: bool = True, show_bar: bool = True) -> _Bar:
+    """`enabled=False` on non-zero ranks silences everything; `show_bar=False` keeps the
+    per-step lines on stdout without the bar."""
+    return _Bar(total, initial, enabled, show_bar)

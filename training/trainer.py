@@ -204,8 +204,8 @@ class Trainer:
         resumed_at = self._resume()
         writer = MetricsWriter(self.s.output_dir, resume_step=resumed_at, sink=self.metric_sink)
         history: list[dict[str, Any]] = []
-        bar = progress_bar(total=self.total_steps, initial=self.step,
-                           enabled=self.s.progress_bar and dist.is_main())
+        bar = progress_bar(total=self.total_steps, initial=self.step, enabled=dist.is_main(),
+                           show_bar=self.s.progress_bar)
         g = self.s.gradient_accumulation_steps
         try:
             while self.step < self.total_steps and self.epoch < self.s.epochs:

@@ -62,7 +62,8 @@ def load_tokenizer(
         from tunewright.data.tokenizer.chat import ChatFormat
 
         # The variables transformers passes to templates (its special_tokens_map).
-        template_vars = {f"{role}_token": config[role] for role in ("bos", "eos", "pad", "unk") if config[role]}
+        roles = ("bos", "eos", "pad", "unk")
+        template_vars = {f"{role}_token": config[role] for role in roles if config[role]}
         for role, id_ in (("bos", tok.bos_id), ("eos", tok.eos_id)):
             if f"{role}_token" not in template_vars and id_ is not None:
                 template_vars[f"{role}_token"] = tok.id_to_token(id_)
@@ -99,7 +100,8 @@ def _engine(path: Path, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     config_special = {"special_ids": config["special_ids"]} if config["added"] else {}
     if vocab and merges and vocab.is_file() and merges.is_file():
         vocab_ids = json.loads(vocab.read_text(encoding="utf-8"))
-        named = {config[r]: vocab_ids[config[r]] for r in ("bos", "eos", "pad", "unk") if config[r] in vocab_ids}
+        names = [config[role] for role in ("bos", "eos", "pad", "unk")]
+        named = {name: vocab_ids[name] for name in names if name in vocab_ids}
         kwargs = hf_bpe.read_vocab_merges(vocab, merges, {**named, **config["added"]})
         return BPETokenizer, {**kwargs, **config_special}
     if model_file and model_file.is_file():

@@ -113,7 +113,8 @@ class ChatFormat:
         template = _compile(self.template)
         # As transformers: keys set to None are dropped, and tools/documents are passed as None.
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        kwargs = {"tools": None, "documents": None, **self.template_vars, "add_generation_prompt": add_generation_prompt}
+        kwargs = {"tools": None, "documents": None, **self.template_vars}
+        kwargs["add_generation_prompt"] = add_generation_prompt
         if _GENERATION_TAG.search(self.template):
             blocks: list[str] = []
             spans: list[tuple[int, int]] = []
@@ -128,18 +129,22 @@ class ChatFormat:
 
     def _prefix_spans(self, text: str, messages: list[dict], kwargs: dict) -> list[tuple[int, int]]:
         template = _compile(self.template)
+
+        def render(prefix: list[dict], prompt: bool) -> str:
+            return template.render(**kwargs | {"messages": prefix, "add_generation_prompt": prompt})
+
         spans = []
         cursor = 0
         for k, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
             try:
-                before = template.render(messages=messages[:k], **{**kwargs, "add_generation_prompt": True})
-                through = template.render(messages=messages[: k + 1], **{**kwargs, "add_generation_prompt": False})
+                before, through = render(messages[:k], True), render(messages[: k + 1], False)
                 rendered = True
             except Exception:  # a template may refuse a prefix (e.g. one that must end with a user turn)
                 before, through, rendered = "", "", False
-            if rendered and text.startswith(before) and text.startswith(through) and len(through) > len(before):
+            is_prefix = rendered and text.startswith(before) and text.startswith(through)
+            if is_prefix and len(through) > len(before):
                 start, end = len(before), len(through)
             else:
                 start, end = self._find_content(text, message, max(cursor, _common_prefix(before, text)))
@@ -201,7 +206,8 @@ def char_spans(text: str, byte_lengths: Sequence[int]) -> list[tuple[int, int]]:
     if text.isascii():
         char_of_byte = list(range(len(text) + 1))
     else:
-        char_of_byte = [i for i, ch in enumerate(text) for _ in range(len(ch.encode("utf-8", "surrogatepass")))]
+        widths = (len(ch.encode("utf-8", "surrogatepass")) for ch in text)
+        char_of_byte = [i for i, width in enumerate(widths) for _ in range(width)]
         char_of_byte.append(len(text))
     assert sum(byte_lengths) == len(char_of_byte) - 1, "token bytes do not add up to the text"
     spans, pos = [], 0
@@ -258,7 +264,9 @@ def _compile(template: str):
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # Jinja's own tojson escapes HTML characters; transformers' does not.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTracker, jinja2.ext.loopcontrols]

@@ -29,7 +29,8 @@ def byte_decoder() -> dict[int, int]:
 
     Shaped for `str.translate`: `text.translate(table).encode("latin-1")` gives the bytes.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)}
+    printable |= set(range(ord("®"), ord("ÿ") + 1))
     table, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -114,7 +115,10 @@ def convert_vocab(
 
 
 def _pattern(pre: dict | None, path: str | Path) -> str:
-    steps = (pre.get("pretokenizers") or []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    if pre and pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers") or []
+    else:
+        steps = [pre] if pre else []
     kinds = [s["type"] for s in steps]
     if "ByteLevel" not in kinds:
         raise ValueError(f"{path}: pre-tokenizer {kinds} is not byte-level (SentencePiece-style BPE?)")

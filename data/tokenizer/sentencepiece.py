@@ -141,7 +141,8 @@ class SentencePieceTokenizer:
             return [(max(s - len(prefix), 0), max(e - len(prefix), 1)) for s, e in spans]
         # The model normalises (NFKC, squeezed spaces): fall back to decoding prefixes.
         starts = [len(self._sp.decode(ids[:k])) for k in range(len(ids))] + [len(piece)]
-        return [(min(starts[k], len(piece)), min(max(starts[k + 1], starts[k]), len(piece))) for k in range(len(ids))]
+        starts = [min(s, len(piece)) for s in starts]
+        return [(starts[k], max(starts[k + 1], starts[k])) for k in range(len(ids))]
 
     def _token_bytes(self, id_: int) -> bytes:
         piece = self._sp.id_to_piece(id_)

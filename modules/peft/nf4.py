@@ -7,6 +7,7 @@ torchao moves its APIs between releases (0.15: `torchao.dtypes.nf4tensor`; 0.18:
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 
 _LOCATIONS = (
@@ -29,7 +30,10 @@ def nf4_module() -> ModuleType:
 
 
 def is_nf4(t: object) -> bool:
-    try:
-        return isinstance(t, nf4_module().NF4Tensor)
-    except ImportError:
-        return False
+    # Only look where torchao is already imported: no NF4 tensor can exist otherwise, and plain
+    # LoRA must not pay torchao's import (seconds, and noisy) just to ask.
+    for name in _LOCATIONS:
+        module = sys.modules.get(name)
+        if module is not None and isinstance(t, getattr(module, "NF4Tensor", ())):
+            return True
+    return False
