@@ -26,7 +26,8 @@ def collate_padded(
     Returns ``tokens`` (padded with `pad_id`) and ``labels`` (padded with -100), both
     ``[b, s]`` int64; ``input_pos`` and ``doc_ids`` when the items have them (padding is its
     own document: doc id -1, positions from 0); and two ints for loss normalisation:
-    ``num_tokens``, the real (non-padding) tokens, and ``num_targets``, the labels != -100.
+    ``num_tokens``, the real (non-padding) tokens, and ``num_targets``, the labels != -100;
+    unpacked batches also carry ``seq_lens``, the real length of each row.
     Padding is told apart by position, never by comparing with `pad_id`, which tokenizers often
     share with eos.
     """
@@ -57,5 +58,6 @@ def collate_padded(
         out["num_tokens"] = int((out["doc_ids"] != PAD_DOC_ID).sum())
     else:
         out["num_tokens"] = sum(lengths)
+        out["seq_lens"] = lengths  # per row: padding-free training drops what lies past it
     out["num_targets"] = int((out["labels"] != IGNORE_INDEX).sum())
     return out

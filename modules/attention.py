@@ -6,6 +6,8 @@ a logit soft-cap or sliding window (Gemma-2, Mistral) are arguments, not subclas
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,9 +50,12 @@ class Attention(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         cache_pos: int | None = None,
+        seq_lens: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """x [b, s, dim]; mask None means causal, else bool [b, 1, s, kv_len] (True = attend);
-        cache_pos is where this chunk starts in the KV cache (generation only)."""
+        cache_pos is where this chunk starts in the KV cache (generation only); seq_lens: x is
+        [1, sum(seq_lens)], independent sequences laid end to end (padding-free batches), each
+        attended causally on its own, so no FLOP is spent across sequences or on padding."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
@@ -68,7 +73,13 @@ class Attention(nn.Module):
             rep = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and s > 1, scale=self.scale
-        )
+        if seq_lens is not None and len(seq_lens) > 1:
+            out = torch.cat([
+                F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale)
+                for qs, ks, vs in zip(q.split(seq_lens, 2), k.split(seq_lens, 2), v.split(seq_lens, 2))
+            ], dim=2)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and s > 1, scale=self.scale
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))

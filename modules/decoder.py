@@ -8,6 +8,8 @@ either, so a chunked loss can run the head on slices of the hidden states (see
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,8 +43,9 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
         mask: torch.Tensor | None = None, cache_pos: int | None = None,
+        seq_lens: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), cos, sin, mask=mask, cache_pos=cache_pos)
+        h = self.attn(self.attn_norm(x), cos, sin, mask=mask, cache_pos=cache_pos, seq_lens=seq_lens)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -92,6 +95,17 @@ class Decoder(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def head_weight(self) -> torch.Tensor | None:
+        """The weight W when the head is exactly `h @ W.T` (tied, or a bias-free nn.Linear, no
+        soft-cap), which lets the loss fuse head and cross-entropy; None otherwise."""
+        if self.final_logit_softcap is not None:
+            return None
+        if self.output is None:
+            return self.tok_embeddings.weight
+        if type(self.output) is nn.Linear and self.output.bias is None:
+            return self.output.weight
+        return None
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -99,13 +113,16 @@ class Decoder(nn.Module):
         input_pos: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         cache_pos: int | None = None,
+        seq_lens: Sequence[int] | None = None,
         hidden_only: bool = False,
     ) -> torch.Tensor:
         """tokens [b, s] -> logits [b, s, vocab] (or normed hidden [b, s, dim] if hidden_only).
 
         input_pos [b, s]: RoPE positions (packed rows restart them per document); doc_ids
         [b, s]: packed-document ids for a block-diagonal causal mask; cache_pos: generation
-        with KV caches (see `setup_caches`), the position where `tokens` start.
+        with KV caches (see `setup_caches`), the position where `tokens` start; seq_lens:
+        tokens [1, T] hold independent sequences of these lengths end to end (padding-free
+        training, see `training/unpad.py`), with input_pos restarting for each.
         """
         b, s = tokens.shape
         h = self.tok_embeddings(tokens)
@@ -124,7 +141,7 @@ class Decoder(nn.Module):
             q_pos = torch.arange(cache_pos, kv_len, device=tokens.device)
             mask = (torch.arange(kv_len, device=tokens.device)[None] <= q_pos[:, None])[None, None]
         for layer in self.layers:
-            h = layer(h, cos, sin, mask=mask, cache_pos=cache_pos)
+            h = layer(h, cos, sin, mask=mask, cache_pos=cache_pos, seq_lens=seq_lens)
         h = self.norm(h)
         return h if hidden_only else self.head(h)
 

@@ -3,8 +3,12 @@
 Full logits for a batch are `b * s * vocab` floats (4 x 512 x 49k x 4 B = 400 MB for SmolLM2),
 and their gradient as much again. Here the hidden states of the positions that have a target
 are gathered first (prompt and padding cost nothing), then the head and the loss run chunk by
-chunk under activation checkpointing, so at most one chunk of logits exists at a time, in the
-forward pass and again in the backward pass.
+chunk, so at most one chunk of logits exists at a time.
+
+For a plain linear head (tied or not) the gradient is computed in the same pass: per chunk,
+d loss / d logits = softmax - onehot, so d hidden = that @ W, and the logits are dropped at
+once (`LinearCrossEntropy`: no recompute in backward, the FLOPs of the unchunked loss). Any
+other head (an adapted or soft-capped one) runs chunk by chunk under activation checkpointing.
 """
 
 from __future__ import annotations
@@ -22,15 +26,53 @@ def _chunk_loss(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, t
     return F.cross_entropy(head(h).float(), t, reduction="sum")
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, t_i) with its gradient computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            hc, tc = h[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = (hc @ weight.t()).float()  # [chunk, vocab]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(tc.numel(), device=tc.device), tc] -= 1.0
+                probs = probs.to(h.dtype)
+                if need_h:
+                    grad_h[start : start + chunk_size] = probs @ weight
+                if need_w:
+                    grad_w += (probs.t() @ hc).float()
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.has = (need_h, need_w)
+        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        saved = list(ctx.saved_tensors)
+        need_h, need_w = ctx.has
+        grad_h = (saved.pop(0) * grad_out).to(ctx.h_dtype) if need_h else None
+        grad_w = (saved.pop(0) * grad_out).to(ctx.w_dtype) if need_w else None
+        return grad_h, grad_w, None, None
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor,
     labels: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
     *,
     chunk_size: int = 1024,
+    head_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """hidden [b, s, dim], labels [b, s] (already shifted; IGNORE_INDEX skipped).
 
+    `head_weight`, when the head is exactly `h @ head_weight.T`, takes the fused path.
     Returns (sum of the per-token losses, number of target tokens); the caller divides, so
     gradient accumulation can normalise by the targets of the whole optimizer step.
     """
@@ -41,6 +83,8 @@ def chunked_cross_entropy(
     total = hidden.new_zeros((), dtype=torch.float32)
     if n == 0:
         return total + hidden.sum() * 0.0, 0  # keeps the graph so backward still runs
+    if head_weight is not None:
+        return LinearCrossEntropy.apply(h, head_weight, t, chunk_size), n
     for start in range(0, n, chunk_size):
         hc, tc = h[start : start + chunk_size], t[start : start + chunk_size]
         if torch.is_grad_enabled() and hc.requires_grad:

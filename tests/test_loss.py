@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +28,28 @@ def test_chunked_ce_matches_full_logits_ce():
     assert torch.allclose(total / n, want, atol=1e-6)
     assert torch.allclose(got_h, hidden.grad, atol=1e-6)
     assert torch.allclose(got_w, head.weight.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_fused_linear_ce_matches_full_logits_ce(weight_trains):
+    torch.manual_seed(0)
+    weight = torch.randn(50, 16, requires_grad=weight_trains)
+    hidden = torch.randn(2, 13, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 13))
+    labels[1, 9:] = -100
+    total, n = chunked_cross_entropy(hidden, labels, lambda h: h @ weight.t(), chunk_size=4,
+                                     head_weight=weight)
+    (total / n).backward()
+    got_h = hidden.grad.clone()
+    got_w = weight.grad.clone() if weight_trains else None
+    hidden.grad = None
+    weight.grad = None
+    want = F.cross_entropy((hidden @ weight.t()).reshape(-1, 50), labels.reshape(-1))
+    want.backward()
+    assert torch.allclose(total / n, want, atol=1e-6)
+    assert torch.allclose(got_h, hidden.grad, atol=1e-6)
+    if weight_trains:
+        assert torch.allclose(got_w, weight.grad, atol=1e-6)
 
 
 def test_all_targets_masked_gives_zero_and_still_backprops():

@@ -45,6 +45,7 @@ SMOLLM2_TEMPLATE = (  # HuggingFaceTB/SmolLM2-*-Instruct's chat_template
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+MISSING_BYTES = {0, 1, 2, 0x7F, 0xC0, 0xC1, *range(0xF5, 0x100)}
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "What is 17 * 3?"},
@@ -68,9 +69,11 @@ def llama3_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama3_reference(llama3_dir, tmp_path_factory) -> Path:
     """HF tokenizer.json of the same ranks, made by transformers' TikTokenConverter."""
-    specials = quicktok_specials("llama3")
-    ranks_file = llama3_dir / "tokenizer.model"
-    build = lambda path: write_hf_tokenizer_json(ranks_file, LLAMA3_PATTERN, specials, path, nfc=False)  # noqa: E731
+
+    def build(path: Path) -> None:
+        specials = quicktok_specials("llama3")
+        write_hf_tokenizer_json(llama3_dir / "tokenizer.model", LLAMA3_PATTERN, specials, path, nfc=False)
+
     return cached_file("llama3-tokenizer.json", build)
 
 
@@ -166,8 +169,10 @@ def test_qwen3_tokenizer_json_matches_hf_tokenizers(qwen3, qwen3_dir):
 
 
 def _train_bpe(directory: Path, *, digits: bool, shuffle_ids: bool = False) -> tokenizers.Tokenizer:
-    """A tiny byte-level BPE, optionally with SmolLM2's `Digits(individual_digits=True)` split."""
+    """A tiny byte-level BPE. With `digits`, like SmolLM2: a `Digits(individual_digits=True)`
+    split and no tokens for some bytes (SmolLM2 lacks 21), which HF then drops from the text."""
     from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     tok = tokenizers.Tokenizer(models.BPE())
     steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
@@ -178,7 +183,7 @@ def _train_bpe(directory: Path, *, digits: bool, shuffle_ids: bool = False) -> t
     trainer = trainers.BpeTrainer(
         vocab_size=700,
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=[bytes_to_unicode()[b] for b in range(256) if not (digits and b in MISSING_BYTES)],
         show_progress=False,
     )
     corpus = SAMPLE * 10 + [f"item {i}: {i * 37} costs ${i * 1.5:.2f}, isn't it?  {i}" for i in range(300)]
@@ -196,14 +201,15 @@ def _train_bpe(directory: Path, *, digits: bool, shuffle_ids: bool = False) -> t
 
 
 @pytest.mark.parametrize("shuffle_ids", [False, True], ids=["ids-in-merge-order", "shuffled-ids"])
-def test_smollm2_style_digits_pre_tokenizer_matches_hf(tmp_path, shuffle_ids):
+def test_smollm2_style_tokenizer_json_matches_hf(tmp_path, shuffle_ids):
     ref = _train_bpe(tmp_path, digits=True, shuffle_ids=shuffle_ids)
     ours = load_tokenizer(tmp_path / "tokenizer.json")
     # Spaces before a digit end a piece under Digits + ByteLevel: "abc  5" is "abc", "  ", "5".
     texts = [*TEXTS, "abc  5 and  55\t 7", "costs $18.00, isn't it?  \n 2 ", "<|im_start|>x 1<|im_end|>"]
+    texts.append("no token for \x00, \x01\x02 or \x7f")  # dropped, as HF does
     assert_same_ids(ours, lambda text: ref.encode(text).ids, texts)
     assert ours.eos_id == 0  # <|endoftext|>, found by name without a config
-    for text in texts:
+    for text in texts[:-1]:
         assert ours.decode(ours.encode(text)) == text
 
 
@@ -234,17 +240,37 @@ def test_mistral_sentencepiece_matches_sentencepiece_and_hf(mistral, mistral_dir
     assert plain == "[INST] hi [/INST] hello[INST] yo [/INST]x"
 
 
+def test_sentencepiece_style_tokenizer_json_defers_to_tokenizer_model(
+    tmp_path, mistral_dir, mistral_reference
+):
+    """Mistral's and Llama-2's HF repos hold a non-byte-level tokenizer.json next to tokenizer.model."""
+    shutil.copy(mistral_dir / "tokenizer.model", tmp_path / "tokenizer.model")
+    mistral_reference.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok = load_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    assert_same_ids(tok, hf_ids(mistral_reference), [SPECIAL_TEXTS["mistral"], SAMPLE[1]])
+
+
 # -- chat templates against transformers' apply_chat_template --------------------------------
 
 # What each format trains on after an assistant message's content.
 EOT = {"qwen3": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "</s>", "llama2": " </s>"}
 
 
-def _hf_tokenizer(request, name: str, template: str | None):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+@pytest.fixture(scope="session")
+def qwen3_hf(qwen3_dir):
+    """transformers' tokenizer of the same directory we load, template from tokenizer_config.json."""
+    from transformers import AutoTokenizer
 
-    if name == "qwen3":  # the same directory we load, template from its tokenizer_config.json
-        return AutoTokenizer.from_pretrained(str(request.getfixturevalue("qwen3_dir")))
+    return AutoTokenizer.from_pretrained(str(qwen3_dir))
+
+
+def _hf_tokenizer(request, name: str, template: str | None):
+    from transformers import PreTrainedTokenizerFast
+
+    if name == "qwen3":
+        return request.getfixturevalue("qwen3_hf")
     if name == "llama3":
         reference = str(request.getfixturevalue("llama3_reference"))
         names = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
@@ -293,10 +319,8 @@ def test_chat_ids_equal_apply_chat_template_and_mask_is_assistant_turns(
     assert decoded == [content + EOT[template or name] for content in assistant]
 
 
-def test_generation_tags_give_the_same_mask_as_transformers(qwen3, qwen3_dir):
+def test_generation_tags_give_the_same_mask_as_transformers(qwen3, qwen3_hf):
     """A template marking assistant text with {% generation %} is trusted, as transformers does."""
-    from transformers import AutoTokenizer
-
     from tunewright.data.tokenizer.chat import ChatFormat
 
     turn = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -307,9 +331,8 @@ def test_generation_tags_give_the_same_mask_as_transformers(qwen3, qwen3_dir):
     )
     template = SMOLLM2_TEMPLATE.replace(turn, tagged)
     assert template != SMOLLM2_TEMPLATE
-    hf = AutoTokenizer.from_pretrained(str(qwen3_dir))
     options = {"tokenize": True, "return_dict": True, "return_assistant_tokens_mask": True}
-    expected = hf.apply_chat_template(CONVERSATION, chat_template=template, **options)
+    expected = qwen3_hf.apply_chat_template(CONVERSATION, chat_template=template, **options)
     saved = qwen3.chat_format
     qwen3.chat_format = ChatFormat(template, template_vars=saved.template_vars)
     try:

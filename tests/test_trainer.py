@@ -75,6 +75,25 @@ def test_activation_checkpointing_keeps_loss_and_grads():
         assert torch.allclose(p.grad, q.grad, atol=1e-7)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_padding_free_loss_equals_padded_loss(packed):
+    """Dropping padding (and cross-document attention) changes no loss value or gradient."""
+    from tunewright.data.packing import PackedDataset
+
+    data = items([9, 17, 5, 12, 3])
+    if packed:
+        data = [PackedDataset(data, max_seq_len=24, pad_id=0)[i] for i in range(3)]
+    batch = collate_padded(data, pad_id=0)
+    a, b = tiny_model(), tiny_model()
+    la, na = causal_lm_loss(a, batch, padding_free=False)
+    lb, nb = causal_lm_loss(b, batch, padding_free=True)
+    (la / na).backward()
+    (lb / nb).backward()
+    assert na == nb and torch.allclose(la, lb, atol=1e-5)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
 def test_packed_rows_equal_separate_documents():
     """A packed row (document mask + restarted positions) gives each document the logits it
     gets alone, so packing changes speed, not the maths."""

@@ -39,6 +39,9 @@ class TrainConfig:
     max_steps: int | None = None
     clip_grad_norm: float | None = 1.0
     loss_chunk_size: int = 1024  # tokens per chunk of the output head + cross-entropy
+    # Compute only real tokens: rows are laid end to end with per-row causal attention
+    # (training/unpad.py). Same loss as the padded batch; false computes the padding too.
+    padding_free: bool = True
 
     compile: bool = False
     enable_activation_checkpointing: bool = False

@@ -45,6 +45,7 @@ class LoopSettings:
     keep_last_n_checkpoints: int | None = 2
     resume_from_checkpoint: bool | str = False
     progress_bar: bool = True
+    padding_free: bool = True  # the loss computes real tokens only: what `num_tokens_total` counts
 
     @classmethod
     def from_config(cls, cfg: Any) -> "LoopSettings":
@@ -71,13 +72,28 @@ class Batches:
             yield self.collate([self.dataset[i] for i in buf])
 
 
-def causal_lm_loss(model: nn.Module, batch: Batch, *, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
-    from tunewright.modules.loss import chunked_cross_entropy
+def causal_lm_loss(
+    model: nn.Module, batch: Batch, *, chunk_size: int = 1024, padding_free: bool = True
+) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over the batch's targets, and their number.
 
-    hidden = model(
-        batch["tokens"], input_pos=batch.get("input_pos"), doc_ids=batch.get("doc_ids"), hidden_only=True
-    )
-    return chunked_cross_entropy(hidden, batch["labels"], model.head, chunk_size=chunk_size)
+    `padding_free` computes only real tokens (see `training/unpad.py`); the result is the same
+    as on the padded batch, up to float rounding.
+    """
+    from tunewright.modules.loss import chunked_cross_entropy
+    from tunewright.training.unpad import flatten_batch
+
+    if padding_free and ("seq_lens" in batch or "doc_ids" in batch):
+        flat = flatten_batch(batch)
+        hidden = model(flat["tokens"], input_pos=flat["input_pos"], seq_lens=flat["seq_lens"],
+                       hidden_only=True)
+        labels = flat["labels"]
+    else:
+        hidden = model(batch["tokens"], input_pos=batch.get("input_pos"), doc_ids=batch.get("doc_ids"),
+                       hidden_only=True)
+        labels = batch["labels"]
+    return chunked_cross_entropy(hidden, labels, model.head, chunk_size=chunk_size,
+                                 head_weight=model.head_weight())
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -226,7 +242,9 @@ class Trainer:
                         "step": self.step, "epoch": self.epoch, "loss": m["loss"], "lr": m["lr"],
                         "grad_norm": m["grad_norm"], "tokens_per_second": num_tokens / (now - t0),
                         "num_tokens": num_tokens,
-                        "num_tokens_total": sum(_count(b, "num_tokens_total") for b in micro),
+                        "num_tokens_total": sum(  # tokens the model computed on
+                            _count(b, "num_tokens" if self.s.padding_free else "num_tokens_total")
+                            for b in micro),
                         "num_targets": m["num_targets"], "step_time": now - t0, "time": time.time(),
                         "peak_rss_mb": round(peak_rss_mb(), 1),
                     }

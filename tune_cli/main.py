@@ -41,6 +41,9 @@ torchrun flags (before RECIPE, `--flag V` or `--flag=V`, dashes or underscores):
 """
 
 
+COMMAND_MODULES = ("convert_gguf", "merge_lora")
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     # A superset of `training.entry.user_errors()` (not imported here: it pulls in OmegaConf),
     # so `tune run` shows a recipe's errors the way `python recipe.py` does.
@@ -116,6 +119,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help=f"glob patterns of files to skip (default: {' '.join(DEFAULT_IGNORE)}; "
                    "give the flag alone to download everything)")
     p.set_defaults(handler=cmd_download)
+
+    # Commands in their own modules (each: add_parser(subparsers) registering handler=run);
+    # importing them is cheap, their heavy imports happen when they run.
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"tunewright.tune_cli.{name}").add_parser(sub)
     return parser, sub.choices
 
 

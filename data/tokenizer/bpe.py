@@ -120,18 +120,26 @@ class BPETokenizer:
         import tiktoken
 
         added = dict(added_tokens or {})
+        # tiktoken needs a rank for every byte, while HF drops the bytes a vocabulary lacks
+        # (SmolLM2 has no token for 21 bytes, most of which never occur in UTF-8): give those
+        # placeholder ranks after everything else and drop their tokens from the output.
+        missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
         if ids is None:
+            first_free = max([*ranks.values(), *added.values()]) + 1
+            placeholders = {b: first_free + i for i, b in enumerate(missing)}
             self._id_of: list[int] | None = None
             tiktoken_specials = added
         else:
             # tiktoken returns ranks; give added tokens ranks after the mergeable ones and map
             # every rank back to its id after encoding.
-            self._id_of = list(ids) + list(added.values())
-            tiktoken_specials = {text: len(ids) + i for i, text in enumerate(added)}
+            placeholders = {b: len(ids) + i for i, b in enumerate(missing)}
+            self._id_of = [*ids, *[-1] * len(missing), *added.values()]
+            tiktoken_specials = {text: len(ids) + len(missing) + i for i, text in enumerate(added)}
+        self._dropped = frozenset(placeholders.values())
         self._encoding = tiktoken.Encoding(
             name="tunewright-bpe",
             pat_str=pattern,
-            mergeable_ranks=dict(ranks),
+            mergeable_ranks={**ranks, **placeholders},
             special_tokens=tiktoken_specials,
         )
         # id -> bytes for decode; `decode_only` holds vocabulary entries no merge can produce.
@@ -218,8 +226,12 @@ class BPETokenizer:
 
         A token holding part of a multi-byte character spans that whole character.
         """
-        ids = self._encode(text)
-        return ids, chat.char_spans(text, [len(self._bytes[i]) for i in ids])
+        values = self._encoding.encode(text, allowed_special="all")
+        # A dropped byte (see __init__) still takes up its byte of the text.
+        lengths = [1 if v in self._dropped else len(self._bytes[self._to_id(v)]) for v in values]
+        spans = chat.char_spans(text, lengths)
+        kept = [k for k, v in enumerate(values) if v not in self._dropped]
+        return [self._to_id(values[k]) for k in kept], [spans[k] for k in kept]
 
     def token_to_id(self, token: str) -> int | None:
         """Id of an added token, for chat templates' `bos_token`/`eos_token` names."""
@@ -229,6 +241,12 @@ class BPETokenizer:
         return self._bytes[id_].decode("utf-8", errors="replace")
 
     def _encode(self, text: str) -> list[int]:
-        ids = self._encoding.encode(text, allowed_special="all")
-        return ids if self._id_of is None else [self._id_of[i] for i in ids]
+        values = self._encoding.encode(text, allowed_special="all")
+        if self._dropped:
+            values = [v for v in values if v not in self._dropped]
+        return values if self._id_of is None else [self._id_of[v] for v in values]
+
+    def _to_id(self, value: int) -> int:
+        """The id of what tiktoken returned (a rank, or an added token's number)."""
+        return value if self._id_of is None else self._id_of[value]
 

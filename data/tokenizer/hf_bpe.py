@@ -88,9 +88,7 @@ def convert_vocab(
             token_bytes[id_] = text.translate(table).encode("latin-1")
         except UnicodeEncodeError:
             raise ValueError(f"{path}: token {text!r} is not in the byte-level alphabet") from None
-    singles = {b: id_ for id_, b in token_bytes.items() if len(b) == 1}
-    if len(singles) != 256:
-        raise ValueError(f"{path}: byte-level vocabulary has {len(singles)} single-byte tokens, not 256")
+    singles = {b: id_ for id_, b in token_bytes.items() if len(b) == 1}  # bytes it lacks: see BPETokenizer
 
     merged: list[int] = []  # ids produced by merges, in merge priority order
     seen: set[int] = set()

@@ -1,0 +1,39 @@
+"""`tune merge-lora BASE_DIR ADAPTER_DIR --output-dir DIR [--dtype fp32|bf16|fp16]`.
+
+Adds a PEFT LoRA adapter (ours or one saved by `peft`) to its base model and writes the merged
+weights in Hugging Face format, offline. Heavy imports happen inside `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "merge-lora", help="merge a LoRA adapter into its base model (HF format out)",
+        description="Load BASE_DIR (Hugging Face model directory), add the PEFT adapter in "
+        "ADAPTER_DIR, merge it into the weights and write DIR (config and tokenizer files "
+        "copied from BASE_DIR). Refuses an adapter whose shapes do not match the base.",
+    )
+    p.add_argument("base_dir", metavar="BASE_DIR", help="the model the adapter was trained on")
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--output-dir", required=True, metavar="DIR", help="where the merged model goes")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="dtype of the written weights (default: fp32)")
+    p.set_defaults(handler=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from tunewright.models import load_pretrained, save_pretrained
+    from tunewright.models.peft_adapter import load_peft_adapter, read_adapter_config
+    from tunewright.modules.peft.apply import merge_lora
+
+    read_adapter_config(args.adapter_dir)  # fail on a non-adapter dir before loading the base
+    model = load_pretrained(args.base_dir)
+    load_peft_adapter(model, args.adapter_dir)
+    merge_lora(model)
+    out = save_pretrained(model, args.output_dir, source_dir=args.base_dir, dtype=args.dtype)
+    print(f"merged {args.adapter_dir} into {args.base_dir}: wrote {out}")
+    return 0
