@@ -33,6 +33,27 @@ if TYPE_CHECKING:
     from tunewright.data.packing import PackedDataset
 
 
+def plain_ids(tokenizer: Tokenizer, messages: list) -> tuple[list[int], list[bool]]:
+    """Messages without a chat template, as torchtune's instruct datasets (Alpaca on a base
+    model): bos, the prompt text, each response then eos; responses are trained on.
+
+    Each text after the first is encoded as a continuation (`"\n" + text` minus the ids of
+    `"\n"`), so SentencePiece adds no word-start space in front of it.
+    """
+    newline = tokenizer.encode("\n")
+    ids: list[int] = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    trained = [False] * len(ids)
+    for i, message in enumerate(messages):
+        text = message["content"].rstrip(" ")
+        piece = tokenizer.encode(text) if not ids or i == 0 else tokenizer.encode("\n" + text)[len(newline):]
+        is_response = message["role"] == "assistant"
+        if is_response:
+            piece = piece + [tokenizer.eos_id]
+        ids += piece
+        trained += [is_response] * len(piece)
+    return ids, trained
+
+
 class SFTDataset(torch.utils.data.Dataset):
     """Tokenized SFT samples from `rows` (a `datasets.Dataset` or any iterable of dicts).
 
@@ -51,6 +72,7 @@ class SFTDataset(torch.utils.data.Dataset):
         train_on_input: bool = False,
         system_prompt: str | None = None,
         source: str = "dataset",
+        chat_template: bool = True,
     ) -> None:
         if max_seq_len is not None and max_seq_len < 2:
             raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
@@ -71,13 +93,17 @@ class SFTDataset(torch.utils.data.Dataset):
             if isinstance(converted, str):  # plain text: the whole document is the target
                 ids = tokenizer.encode(converted, add_bos=True, add_eos=True)
                 trained = [True] * len(ids)
-            else:
+            elif chat_template:
                 ids, trained = tokenizer.tokenize_messages(converted)
-                if train_on_input:
-                    trained = [True] * len(ids)
+            else:
+                ids, trained = plain_ids(tokenizer, converted)
+            if train_on_input:
+                trained = [True] * len(ids)
             assert len(ids) == len(trained), "tokenizer returned ids and mask of different length"
-            if max_seq_len is not None:
+            if max_seq_len is not None and len(ids) > max_seq_len:
                 ids, trained = ids[:max_seq_len], trained[:max_seq_len]
+                if not chat_template:  # torchtune's rule for its plain instruct datasets
+                    ids[-1] = tokenizer.eos_id
             chunks_tokens.append(np.asarray(ids, dtype=np.int64))
             chunks_trained.append(np.asarray(trained, dtype=np.bool_))
             lengths.append(len(ids))
@@ -120,6 +146,7 @@ def sft_dataset(
     train_on_input: bool = False,
     packed: bool = False,
     system_prompt: str | None = None,
+    chat_template: bool = True,
 ) -> SFTDataset | PackedDataset:
     """The SFT dataset a config names, e.g.
 
@@ -134,7 +161,8 @@ def sft_dataset(
           packed: true
 
     `source`, `data_files` and `split` are those of `load_rows`; `packed` packs samples into
-    rows of exactly `max_seq_len` tokens (see `PackedDataset`).
+    rows of exactly `max_seq_len` tokens (see `PackedDataset`); `chat_template: false` uses the
+    prompt text as is, without the tokenizer's chat format (see `plain_ids`).
     """
     if packed and max_seq_len is None:
         raise ValueError("packed=True needs max_seq_len (the length of every packed row)")
@@ -150,6 +178,7 @@ def sft_dataset(
         train_on_input=train_on_input,
         system_prompt=system_prompt,
         source=_describe(source, data_files, split),
+        chat_template=chat_template,
     )
     if not packed:
         return dataset
