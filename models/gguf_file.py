@@ -158,10 +158,14 @@ def read_gguf(path: str | Path) -> GGUFFile:
             type_id, offset = cur.scalar(4, f"tensor '{name}'"), cur.scalar(10, f"tensor '{name}'")
             table.append((name, ne, type_id, offset))
         alignment = metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"{path}: corrupt GGUF header (general.alignment = {alignment!r})")
         data_start = -(-cur.pos // alignment) * alignment
 
     tensors: dict[str, TensorInfo] = {}
     for name, ne, type_id, offset in table:
+        if name in tensors:
+            raise ValueError(f"{path}: corrupt GGUF tensor table (tensor '{name}' appears twice)")
         try:
             qtype = GGMLQuantizationType(type_id)
         except ValueError:

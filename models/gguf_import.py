@@ -53,9 +53,9 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "fp32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}' (use one of {', '.join(DTYPES)})")
     path, out_dir = Path(gguf_path), Path(out_dir)
-    gguf = read_gguf(path)
-    config, plan = _config_and_plan(gguf)
-    tok_files = hf_tokenizer_files(gguf.metadata, path, max_length=config["max_position_embeddings"])
+    g = read_gguf(path)
+    config, plan = _config_and_plan(g)
+    tok_files = hf_tokenizer_files(g.metadata, path, max_length=config["max_position_embeddings"])
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -66,7 +66,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "fp32
             raise ValueError(f"{out_dir}: holds the input {path}; write the output elsewhere")
 
     st_dtype, config["torch_dtype"] = DTYPES[dtype]
-    ids = special_ids(gguf.metadata)
+    ids = special_ids(g.metadata)
     generation = {k: v for k, v in {"bos_token_id": ids.get("bos"), "pad_token_id": ids.get("pad"),
                                     "eos_token_id": _eos_ids(ids)}.items() if v is not None}
     with atomic_dir(out_dir) as tmp:
@@ -111,9 +111,14 @@ def _config_and_plan(g: GGUFFile) -> tuple[dict[str, Any], list[_Planned]]:
 
     dim, num_layers, num_heads = get("embedding_length"), get("block_count"), get("attention.head_count")
     num_kv_heads = get("attention.head_count_kv", num_heads)
+    if min(dim, num_layers, num_heads, num_kv_heads) <= 0 or num_heads % num_kv_heads:
+        raise ValueError(f"{path}: bad shape metadata (dim {dim}, {num_layers} layers, "
+                         f"{num_heads} heads, {num_kv_heads} kv heads)")
     head_dim = get("attention.key_length", dim // num_heads)
-    if get("attention.value_length", head_dim) != head_dim or get("rope.dimension_count", head_dim) != head_dim:
+    if head_dim != get("attention.value_length", head_dim) or head_dim != get("rope.dimension_count", head_dim):
         raise ValueError(f"{path}: value or rotary dim differs from the key dim {head_dim}; not supported")
+    if head_dim % 2:
+        raise ValueError(f"{path}: head dim {head_dim} is odd; RoPE needs an even one")
     if "token_embd.weight" not in g.tensors:
         raise ValueError(f"{path}: has no 'token_embd.weight' tensor")
     vocab_size = g.tensors["token_embd.weight"].shape[0]
@@ -129,7 +134,8 @@ def _config_and_plan(g: GGUFFile) -> tuple[dict[str, Any], list[_Planned]]:
         "max_position_embeddings": get("context_length"), "tie_word_embeddings": tied,
         "attention_bias": False, "mlp_bias": False,
     }
-    config.update({f"{role}_token_id": i for role, i in special_ids(meta).items() if role in ("bos", "eos", "pad")})
+    ids = special_ids(meta)
+    config.update({f"{role}_token_id": ids[role] for role in ("bos", "eos", "pad") if role in ids})
     num_tokens = len(meta.get("tokenizer.ggml.tokens") or []) or vocab_size
     if num_tokens != vocab_size or meta.get("llama.vocab_size", vocab_size) != vocab_size:
         raise ValueError(f"{path}: token_embd has {vocab_size} rows but the vocabulary has {num_tokens} "
@@ -169,11 +175,11 @@ def _hf_name(name: str) -> str:
 def _loader(g: GGUFFile, name: str, n_head: int | None) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         w = g.tensor(name)
-        return w if n_head is None else unpermute_qk(w, n_head)
+        return w if n_head is None else unpermute_qk(w, n_head=n_head)
     return load
 
 
-def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute_qk(w: np.ndarray, *, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF rotate-half halves)."""
     rows, cols = w.shape
     return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
@@ -190,10 +196,12 @@ def _rope_scaling(g: GGUFFile, get: Callable, head_dim: int, theta: float) -> di
                          "Llama-3 rope_freqs are)")
     if _ROPE_FREQS not in g.tensors:
         return None
-    return llama3_rope_scaling(g.tensor(_ROPE_FREQS), head_dim, theta, g.path)
+    return _llama3_rope_scaling(g.tensor(_ROPE_FREQS), head_dim=head_dim, theta=theta, path=g.path)
 
 
-def llama3_rope_scaling(freq_factors: np.ndarray, head_dim: int, theta: float, path: Path) -> dict[str, Any]:
+def _llama3_rope_scaling(
+    freq_factors: np.ndarray, *, head_dim: int, theta: float, path: Path
+) -> dict[str, Any]:
     """HF `rope_scaling` for a `rope_freqs` tensor, checked to reproduce it.
 
     llama.cpp divides frequency i by `freq_factors[i]`; for Llama 3.1-3.3 they come from the

@@ -64,6 +64,10 @@ def main(cfg: Config) -> dict[str, Any]:
         if cfg.system_prompt:
             raise ValueError("system_prompt needs chat: true (a raw completion has no system turn)")
         prompt_ids = tokenizer.encode(cfg.prompt, add_bos=True)
+    cut = getattr(tokenizer, "max_seq_len", None)
+    if cut is not None and len(prompt_ids) >= cut:
+        raise ValueError(f"the prompt fills tokenizer.max_seq_len ({cut}) and was probably cut; "
+                         "remove max_seq_len from the tokenizer config")
 
     # ------------------------------------------------------------------ generate
     stream = TokenStream(tokenizer)
@@ -76,10 +80,11 @@ def main(cfg: Config) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     stream.finish()
     text = tokenizer.decode(strip_stop(ids, tokenizer.stop_ids))
+    tokens_per_s = len(ids) / max(seconds, 1e-9)
     print()
-    print(f"{len(ids)} tokens in {seconds:.2f} s ({len(ids) / max(seconds, 1e-9):.1f} tokens/s, "
+    print(f"{len(ids)} tokens in {seconds:.2f} s ({tokens_per_s:.1f} tokens/s, "
           f"prompt {len(prompt_ids)} tokens)")
-    return {"text": text, "ids": ids, "prompt_ids": prompt_ids, "tokens_per_s": len(ids) / max(seconds, 1e-9)}
+    return {"text": text, "ids": ids, "prompt_ids": prompt_ids, "tokens_per_s": tokens_per_s}
 
 
 if __name__ == "__main__":

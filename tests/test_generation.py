@@ -81,9 +81,10 @@ def test_greedy_equals_transformers_generate(tmp_path):
     stop = want[0, 5 + 6].item()
     with torch.no_grad():
         want = hf.generate(torch.tensor(prompts), attention_mask=torch.ones(2, 5, dtype=torch.long),
-                           do_sample=False, max_new_tokens=n, pad_token_id=-1, eos_token_id=stop)
+                           do_sample=False, max_new_tokens=n, pad_token_id=0, eos_token_id=stop)
     got = generate(model, prompts, max_new_tokens=n, stop_ids=[stop])
-    assert got == [[t for t in row if t != -1] for row in want[:, 5:].tolist()]
+    want = [row[:row.index(stop) + 1] if stop in row else row for row in want[:, 5:].tolist()]
+    assert got == want
     assert got[0][-1] == stop and len(got[0]) <= 7
 
 

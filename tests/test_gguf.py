@@ -139,7 +139,8 @@ def write_gguf(path: Path, model, tok: tokenizers.Tokenizer, *, qtype=Q.F32, arc
             elif gname.endswith("attn_k.weight"):
                 a = permute(a, c.num_key_value_heads)
         else:
-            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}[name]
+            gname = {"model.embed_tokens.weight": "token_embd.weight",
+                     "model.norm.weight": "output_norm.weight"}[name]
         if a.ndim == 1 or qtype == Q.F32:
             w.add_tensor(gname, a)
         elif qtype == Q.F16:
@@ -160,7 +161,8 @@ def hf_llama(vocab_size: int, *, quantized_like=None, **overrides):
                num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256,
                tie_word_embeddings=False)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=vocab_size, **copy.deepcopy({**cfg, **overrides}))  # it edits dicts
+    # deepcopy: LlamaConfig writes rope_theta into the rope_scaling dict it is given.
+    config = transformers.LlamaConfig(vocab_size=vocab_size, **copy.deepcopy({**cfg, **overrides}))
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -171,7 +173,8 @@ def hf_llama(vocab_size: int, *, quantized_like=None, **overrides):
                 if quantized_like == Q.F16:
                     p.copy_(torch.from_numpy(a.astype(np.float16).astype(np.float32)))
                 else:
-                    p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(a, quantized_like), quantized_like)))
+                    rounded = gguf.quants.dequantize(gguf.quants.quantize(a, quantized_like), quantized_like)
+                    p.copy_(torch.from_numpy(rounded))
     return model.eval()
 
 
@@ -376,10 +379,12 @@ def test_cli(tmp_path, tiny_gguf, capsys):
 
     parser = argparse.ArgumentParser(prog="tune")
     add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["convert-gguf", str(tiny_gguf), "--output-dir", str(tmp_path / "o"), "--dtype", "bf16"])
+    argv = ["convert-gguf", str(tiny_gguf), "--output-dir", str(tmp_path / "o"), "--dtype", "bf16"]
+    args = parser.parse_args(argv)
     assert args.handler(args) == 0 and (tmp_path / "o" / "model.safetensors").is_file()
     (tmp_path / "bad.gguf").write_bytes(b"not gguf at all, not at all")
-    bad = SimpleNamespace(gguf_file=str(tmp_path / "bad.gguf"), output_dir=str(tmp_path / "o2"), dtype="fp32", force=False)
+    bad = SimpleNamespace(gguf_file=str(tmp_path / "bad.gguf"), output_dir=str(tmp_path / "o2"),
+                          dtype="fp32", force=False)
     capsys.readouterr()
     assert run(bad) == 2
     err = capsys.readouterr().err
@@ -452,7 +457,8 @@ def test_smollm2_tokenizer_matches_transformers_gguf_reader(smollm2):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     assert ref.get_vocab() == smollm2.hf_tok.get_vocab()
     for text in TEXTS + ["<repo_name>x<file_sep>\n<|endoftext|>"]:
-        assert smollm2.hf_tok.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False), text
+        want = ref.encode(text, add_special_tokens=False)
+        assert smollm2.hf_tok.encode(text, add_special_tokens=False) == want, text
 
 
 @pytest.mark.slow

@@ -266,15 +266,23 @@ def qwen3_hf(qwen3_dir):
     return AutoTokenizer.from_pretrained(str(qwen3_dir))
 
 
+@pytest.fixture(scope="session")
+def llama3_hf(llama3_reference):
+    from transformers import PreTrainedTokenizerFast
+
+    names = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+    return PreTrainedTokenizerFast(tokenizer_file=str(llama3_reference), **names)
+
+
 def _hf_tokenizer(request, name: str, template: str | None):
     from transformers import PreTrainedTokenizerFast
 
     if name == "qwen3":
         return request.getfixturevalue("qwen3_hf")
     if name == "llama3":
-        reference = str(request.getfixturevalue("llama3_reference"))
-        names = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
-        return PreTrainedTokenizerFast(tokenizer_file=reference, chat_template=template, **names)
+        hf = request.getfixturevalue("llama3_hf")
+        hf.chat_template = template
+        return hf
     reference = request.getfixturevalue("mistral_reference")
     names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     return PreTrainedTokenizerFast(tokenizer_object=reference, chat_template=template, **names)

@@ -26,13 +26,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="PEFT-format LoRA adapter for this model, merged into the weights")
-    p.add_argument("--prompt", default=None, metavar="TEXT", help="answer this one message and exit")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="answer this one message and exit")
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                    help="most tokens per answer (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature; 0 is greedy (default: 0)")
-    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most likely")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="sample among the K most likely tokens")
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling")
     p.add_argument("--device", default="auto", metavar="D",

@@ -41,7 +41,7 @@ torchrun flags (before RECIPE, `--flag V` or `--flag=V`, dashes or underscores):
 """
 
 
-COMMAND_MODULES = ("convert_gguf", "merge_lora")
+COMMAND_MODULES = ("convert_gguf", "merge_lora", "chat")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
