@@ -111,13 +111,10 @@ def test_recipe_bad_values_fail(tmp_path):
 
 
 def tune_chat(*argv: str) -> int:
-    """`tune chat ...` through the module's own parser (the command may not be wired in yet)."""
-    from tunewright.tune_cli.main import _Parser
+    """`tune chat ...` through the real entry point (its error handling included)."""
+    from tunewright.tune_cli.main import main
 
-    parser = _Parser(prog="tune")
-    chat.add_parser(parser.add_subparsers(dest="command", parser_class=_Parser))
-    args = parser.parse_args(["chat", *argv])
-    return args.handler(args)
+    return main(["chat", *argv])
 
 
 def test_tune_chat_one_prompt(capsys, adapter):
@@ -172,16 +169,6 @@ def test_tune_chat_errors_are_one_line(capsys, wrong_adapter, argv, message):
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
-
-
-def test_tune_chat_through_main_when_wired(capsys):
-    from tunewright.tune_cli.main import build_parser, main
-
-    if "chat" not in build_parser()[1]:
-        pytest.skip("`chat` is not registered in tune_cli/main.py yet")
-    assert main(["chat", str(tiny_asset("llama")), "--prompt", "hi", "--max-new-tokens", "4"]) == 0
-    assert main(["chat", "/no/such/model", "--prompt", "hi"]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
 
 
 def test_chat_parser_is_self_contained():

@@ -373,20 +373,13 @@ def test_unsupported_inputs(tmp_path, bpe):
 
 
 def test_cli(tmp_path, tiny_gguf, capsys):
-    import argparse
+    from tunewright.tune_cli.main import main as tune
 
-    from tunewright.tune_cli.convert_gguf import add_parser, run
-
-    parser = argparse.ArgumentParser(prog="tune")
-    add_parser(parser.add_subparsers(dest="command"))
     argv = ["convert-gguf", str(tiny_gguf), "--output-dir", str(tmp_path / "o"), "--dtype", "bf16"]
-    args = parser.parse_args(argv)
-    assert args.handler(args) == 0 and (tmp_path / "o" / "model.safetensors").is_file()
+    assert tune(argv) == 0 and (tmp_path / "o" / "model.safetensors").is_file()
     (tmp_path / "bad.gguf").write_bytes(b"not gguf at all, not at all")
-    bad = SimpleNamespace(gguf_file=str(tmp_path / "bad.gguf"), output_dir=str(tmp_path / "o2"),
-                          dtype="fp32", force=False)
     capsys.readouterr()
-    assert run(bad) == 2
+    assert tune(["convert-gguf", str(tmp_path / "bad.gguf"), "--output-dir", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "bad.gguf: not a GGUF file" in err
     assert not (tmp_path / "o2").exists()

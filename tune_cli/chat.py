@@ -46,18 +46,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        session = _load(args)
-        if args.prompt is not None:
-            session.answer(args.prompt)
-            return 0
-        return _loop(session)
-    except (ValueError, OSError) as e:
-        if os.environ.get("TUNEWRIGHT_DEBUG"):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    # Bad input raises ValueError/OSError; `tune`'s main turns it into one `error:` line.
+    session = _load(args)
+    if args.prompt is not None:
+        session.answer(args.prompt)
+        return 0
+    return _loop(session)
 
 
 def _load(args: argparse.Namespace) -> "_Session":

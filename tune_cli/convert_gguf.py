@@ -8,8 +8,6 @@ command on the `tune` subparsers; `run` is its handler (heavy imports happen ins
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 DTYPE_CHOICES = ("fp32", "bf16")
 
@@ -33,13 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from tunewright.models.gguf_import import gguf_to_hf
 
-    try:
-        out = gguf_to_hf(args.gguf_file, args.output_dir, dtype=args.dtype, overwrite=args.force)
-    except (ValueError, OSError) as e:
-        if os.environ.get("TUNEWRIGHT_DEBUG"):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    # Bad input raises ValueError/OSError; `tune`'s main turns it into one `error:` line.
+    out = gguf_to_hf(args.gguf_file, args.output_dir, dtype=args.dtype, overwrite=args.force)
     print(f"Converted {args.gguf_file} to {out}")
     return 0
