@@ -78,7 +78,13 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self._base(x)
         x_lora = self.dropout(x)
-        lora = self.lora_b(self.lora_a(x_lora.to(self.lora_a.weight.dtype))).to(base.dtype) * self.scale
+        h = self.lora_a(x_lora.to(self.lora_a.weight.dtype))
+        if self.magnitude is None and h.dtype == base.dtype:
+            # base + scale * h @ B^T in one fused GEMM (no separate scale and add passes)
+            out = torch.addmm(base.flatten(0, -2), h.flatten(0, -2), self.lora_b.weight.t(),
+                              alpha=self.scale).view_as(base)
+            return out + self.bias if self.bias is not None else out
+        lora = self.lora_b(h).to(base.dtype) * self.scale
         if self.magnitude is None:
             out = base + lora
         else:
