@@ -1,0 +1,185 @@
+"""Evaluate a model (optionally with a LoRA adapter) on held-out rows: loss and answer accuracy.
+
+    tune run evaluate --config llama/tiny_evaluate
+    tune run evaluate --config MY_EVAL.yaml adapter=out/run/adapter
+
+Two measurements, written atomically to `<output_dir>/eval.json`:
+
+- held-out loss: the mean cross-entropy over the target tokens of `dataset`, computed by the
+  trainer's own loss (`causal_lm_loss`) on the same tokenized items, so it is the number the
+  training loop's `val_loss` would report for this data;
+- exact-answer accuracy, for rows that carry an answer (`answer_column`): the prompt (the row's
+  conversation up to its last assistant turn, in the tokenizer's chat format) is answered by
+  greedy generation and the reply scored: by reasoning-gym's scorer of `task` when it is set
+  (a reply scoring 1.0 is correct), else by exact match after normalisation (case, spacing,
+  a trailing period). Replies go to `<output_dir>/predictions.jsonl`.
+
+The rows for generation are read from the `dataset` node's own keys (`source`, `data_files`,
+`split`, `format`, `column_map`, `system_prompt`: those of `tunewright.data.sft_dataset`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping
+
+from tunewright.training.entry import recipe_main
+from tunewright.training.schema import component
+
+
+@dataclass(kw_only=True)
+class Config:
+    recipe: str
+    output_dir: str
+    model: dict[str, Any] = component(required=True)  # e.g. tunewright.models.load_pretrained
+    tokenizer: dict[str, Any] = component(required=True)
+    dataset: dict[str, Any] = component(supplied=("tokenizer",), required=True)  # sft_dataset
+    adapter: str | None = None  # a PEFT adapter directory put on the model (and merged)
+
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    num_threads: int | None = None
+    batch_size: int = 8
+    loss_chunk_size: int = 1024
+
+    answer_column: str | None = "answer"  # null: loss only
+    task: str | None = None  # a reasoning-gym task name: score replies with its scorer
+    max_new_tokens: int = 32
+    max_answers: int | None = None  # score only the first N rows that carry an answer
+
+
+def normalize(text: str) -> str:
+    """Case-folded, single-spaced, without surrounding space or a final period."""
+    return re.sub(r"\s+", " ", text).strip().removesuffix(".").strip().casefold()
+
+
+def exact_match(reply: str, row: Mapping[str, Any], *, answer_column: str = "answer") -> float:
+    return float(normalize(reply) == normalize(str(row[answer_column])))
+
+
+def make_scorer(task: str | None, answer_column: str) -> tuple[Callable[[str, Mapping], float], str]:
+    """(reply, row) -> score in [0, 1], and the scorer's name."""
+    if task is None:
+        return lambda reply, row: exact_match(reply, row, answer_column=answer_column), "exact match"
+    from tunewright.data.reasoning_gym import score_fn
+
+    score = score_fn(task)
+    if answer_column == "answer":
+        return score, f"reasoning-gym {task}"
+    return lambda reply, row: score(reply, {**row, "answer": row[answer_column]}), f"reasoning-gym {task}"
+
+
+def prompts_and_rows(cfg: Config, tokenizer: Any) -> tuple[list[list[int]], list[dict[str, Any]]]:
+    """Chat-formatted prompt ids of the rows of `cfg.dataset` that carry an answer, with the rows."""
+    from tunewright.data.formats import make_converter
+    from tunewright.data.sources import load_rows
+
+    node = cfg.dataset
+    if "source" not in node:
+        raise ValueError(f"dataset: answer accuracy reads the rows from dataset.source, which "
+                         f"{node['_component_']} does not have (set answer_column: null)")
+    convert = make_converter(node.get("format", "instruct"), column_map=node.get("column_map"),
+                             system_prompt=node.get("system_prompt"))
+    rows = load_rows(node["source"], data_files=node.get("data_files"), split=node.get("split", "train"))
+    if cfg.answer_column not in rows.column_names:
+        raise ValueError(f"answer_column: the dataset has no column '{cfg.answer_column}' "
+                         f"(columns: {', '.join(rows.column_names)}); set answer_column: null for loss only")
+    prompts, kept = [], []
+    for row in rows:
+        if row[cfg.answer_column] is None:
+            continue
+        if cfg.max_answers is not None and len(kept) == cfg.max_answers:
+            break
+        messages = convert(row)
+        if isinstance(messages, str):
+            raise ValueError("format 'text' rows have no prompt to answer; set answer_column: null")
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]  # the reference reply
+        ids, _ = tokenizer.tokenize_messages(messages, add_generation_prompt=True)
+        prompts.append(ids)
+        kept.append(row)
+    return prompts, kept
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    import functools
+    import json
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from tunewright.models.pretrained import as_dtype
+    from tunewright.training.atomic import atomic_write_text
+    from tunewright.training.data_setup import make_batches
+    from tunewright.training.generation import generate
+    from tunewright.training.instantiate import instantiate
+    from tunewright.training.setup import seed_everything, setup_device
+    from tunewright.training.trainer import causal_lm_loss
+
+    # ------------------------------------------------------------------ set-up
+    start = time.perf_counter()
+    seed_everything(cfg.seed)
+    device = setup_device(cfg.device, cfg.num_threads)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scorer, scorer_name = make_scorer(cfg.task, cfg.answer_column or "answer")
+
+    # ------------------------------------------------------------------ model (+ adapter)
+    model = instantiate(cfg.model, dtype=as_dtype(cfg.dtype), device=device)
+    if cfg.adapter is not None:
+        from tunewright.models.peft_adapter import load_peft_adapter
+        from tunewright.modules.peft.apply import merge_lora
+
+        merge_lora(load_peft_adapter(model, cfg.adapter))  # merged: inference runs plain linears
+    model.eval()
+    tokenizer = instantiate(cfg.tokenizer)
+
+    # ------------------------------------------------------------------ held-out loss
+    dataset = instantiate(cfg.dataset, tokenizer=tokenizer)
+    batches = make_batches(dataset, pad_id=tokenizer.pad_id, batch_size=cfg.batch_size, shuffle=False)
+    loss_fn = functools.partial(causal_lm_loss, chunk_size=cfg.loss_chunk_size)
+    loss_sum, num_targets = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            loss, n = loss_fn(model, batch)
+            loss_sum += loss.double().item()  # summed in fp64: the order of batches then hardly matters
+            num_targets += n
+    result: dict[str, Any] = {
+        "loss": loss_sum / max(num_targets, 1), "num_targets": num_targets, "num_rows": len(dataset),
+        "model": cfg.model.get("path"), "adapter": cfg.adapter, "dataset": cfg.dataset.get("source"),
+        "split": cfg.dataset.get("split"),
+    }
+
+    # ------------------------------------------------------------------ answers
+    predictions = []
+    if cfg.answer_column is not None:
+        prompts, rows = prompts_and_rows(cfg, tokenizer)
+        replies = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, stop_ids=tokenizer.stop_ids,
+                           pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size) if prompts else []
+        for row, ids in zip(rows, replies):
+            reply = tokenizer.decode([i for i in ids if i not in tokenizer.stop_ids], skip_special=True).strip()
+            predictions.append({"answer": str(row[cfg.answer_column]), "reply": reply,
+                                "score": scorer(reply, row)})
+        num_correct = sum(p["score"] >= 1.0 for p in predictions)
+        result.update(accuracy=num_correct / len(predictions) if predictions else None,
+                      num_correct=num_correct, num_scored=len(predictions), scorer=scorer_name)
+    result["time_s"] = round(time.perf_counter() - start, 1)
+
+    # ------------------------------------------------------------------ report
+    if predictions:
+        atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    atomic_write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")
+    line = f"eval: held-out loss {result['loss']:.4f} over {num_targets:,} target tokens ({len(dataset)} rows)"
+    if result.get("accuracy") is not None:
+        line += (f"; accuracy {result['accuracy']:.1%} ({result['num_correct']}/{result['num_scored']}, "
+                 f"{scorer_name})")
+    print(f"{line}; wrote {out / 'eval.json'}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    recipe_main(__file__)
