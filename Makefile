@@ -18,7 +18,7 @@ $(STAMP): requirements.txt requirements-test.txt requirements-assets.txt pyproje
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(VENV)/bin/tune run full_finetune_single_device --config llama/tiny_full output_dir=out/quickstart
+	$(VENV)/bin/tune quickstart --work-dir out/quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(WORKERS) -q

@@ -48,6 +48,7 @@ class Config:
     task: str | None = None  # a reasoning-gym task name: score replies with its scorer
     max_new_tokens: int = 32
     max_answers: int | None = None  # score only the first N rows that carry an answer
+    generate_batch_size: int = 64  # prompts decoded together (equal lengths batch best)
 
 
 def normalize(text: str) -> str:
@@ -72,7 +73,8 @@ def make_scorer(task: str | None, answer_column: str) -> tuple[Callable[[str, Ma
 
 
 def prompts_and_rows(cfg: Config, tokenizer: Any) -> tuple[list[list[int]], list[dict[str, Any]]]:
-    """Chat-formatted prompt ids of the rows of `cfg.dataset` that carry an answer, with the rows."""
+    """Chat-formatted prompt ids of the rows of `cfg.dataset` that carry an answer, with the rows
+    (plus `_question`: the prompt's last message)."""
     from tunewright.data.formats import make_converter
     from tunewright.data.sources import load_rows
 
@@ -99,7 +101,7 @@ def prompts_and_rows(cfg: Config, tokenizer: Any) -> tuple[list[list[int]], list
             messages = messages[:-1]  # the reference reply
         ids, _ = tokenizer.tokenize_messages(messages, add_generation_prompt=True)
         prompts.append(ids)
-        kept.append(row)
+        kept.append({**row, "_question": messages[-1]["content"]})
     return prompts, kept
 
 
@@ -114,12 +116,15 @@ def main(cfg: Config) -> dict[str, Any]:
     from tunewright.models.pretrained import as_dtype
     from tunewright.training.atomic import atomic_write_text
     from tunewright.training.data_setup import make_batches
-    from tunewright.training.generation import generate
+    from tunewright.training.generation import generate, merge_adapter
     from tunewright.training.instantiate import instantiate
     from tunewright.training.setup import seed_everything, setup_device
     from tunewright.training.trainer import causal_lm_loss
 
     # ------------------------------------------------------------------ set-up
+    for key in ("batch_size", "generate_batch_size", "max_new_tokens"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     start = time.perf_counter()
     seed_everything(cfg.seed)
     device = setup_device(cfg.device, cfg.num_threads)
@@ -130,10 +135,7 @@ def main(cfg: Config) -> dict[str, Any]:
     # ------------------------------------------------------------------ model (+ adapter)
     model = instantiate(cfg.model, dtype=as_dtype(cfg.dtype), device=device)
     if cfg.adapter is not None:
-        from tunewright.models.peft_adapter import load_peft_adapter
-        from tunewright.modules.peft.apply import merge_lora
-
-        merge_lora(load_peft_adapter(model, cfg.adapter))  # merged: inference runs plain linears
+        merge_adapter(model, cfg.adapter)  # folded into the weights: generation at base speed
     model.eval()
     tokenizer = instantiate(cfg.tokenizer)
 
@@ -142,6 +144,7 @@ def main(cfg: Config) -> dict[str, Any]:
     batches = make_batches(dataset, pad_id=tokenizer.pad_id, batch_size=cfg.batch_size, shuffle=False)
     loss_fn = functools.partial(causal_lm_loss, chunk_size=cfg.loss_chunk_size)
     loss_sum, num_targets = 0.0, 0
+    print(f"held-out loss over {len(dataset)} rows", flush=True)
     with torch.no_grad():
         for batch in batches:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -158,12 +161,24 @@ def main(cfg: Config) -> dict[str, Any]:
     predictions = []
     if cfg.answer_column is not None:
         prompts, rows = prompts_and_rows(cfg, tokenizer)
-        replies = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, stop_ids=tokenizer.stop_ids,
-                           pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size) if prompts else []
+        print(f"greedy replies to {len(prompts)} prompts (at most {cfg.max_new_tokens} tokens each)",
+              flush=True)
+        # Sorted by length, so that each call gets few distinct lengths (`generate` batches
+        # prompts of one length together).
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        replies: list[list[int]] = [[] for _ in prompts]
+        for begin in range(0, len(order), cfg.generate_batch_size):
+            chunk = order[begin:begin + cfg.generate_batch_size]
+            new = generate(model, [prompts[i] for i in chunk], max_new_tokens=cfg.max_new_tokens,
+                           stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                           vocab_size=tokenizer.vocab_size)
+            for i, ids in zip(chunk, new):
+                replies[i] = ids
         for row, ids in zip(rows, replies):
-            reply = tokenizer.decode([i for i in ids if i not in tokenizer.stop_ids], skip_special=True).strip()
-            predictions.append({"answer": str(row[cfg.answer_column]), "reply": reply,
-                                "score": scorer(reply, row)})
+            kept_ids = [i for i in ids if i not in tokenizer.stop_ids]
+            reply = tokenizer.decode(kept_ids, skip_special=True).strip()
+            predictions.append({"question": row["_question"], "answer": str(row[cfg.answer_column]),
+                                "reply": reply, "score": scorer(reply, row)})
         num_correct = sum(p["score"] >= 1.0 for p in predictions)
         result.update(accuracy=num_correct / len(predictions) if predictions else None,
                       num_correct=num_correct, num_scored=len(predictions), scorer=scorer_name)
@@ -173,7 +188,8 @@ def main(cfg: Config) -> dict[str, Any]:
     if predictions:
         atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     atomic_write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")
-    line = f"eval: held-out loss {result['loss']:.4f} over {num_targets:,} target tokens ({len(dataset)} rows)"
+    line = (f"eval: held-out loss {result['loss']:.4f} over {num_targets:,} target tokens "
+            f"({len(dataset)} rows)")
     if result.get("accuracy") is not None:
         line += (f"; accuracy {result['accuracy']:.1%} ({result['num_correct']}/{result['num_scored']}, "
                  f"{scorer_name})")

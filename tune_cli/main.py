@@ -25,6 +25,7 @@ examples:
   tune run --nproc_per_node 2 full_finetune_distributed --config llama/tiny_full
   tune validate my_config.yaml optimizer.lr=1e-4
   tune download HuggingFaceTB/SmolLM2-135M --output-dir ./SmolLM2-135M
+  tune quickstart                  # LoRA fine-tune of SmolLM2-135M-Instruct, offline
 """
 
 RUN_HELP = """\
@@ -41,7 +42,7 @@ torchrun flags (before RECIPE, `--flag V` or `--flag=V`, dashes or underscores):
 """
 
 
-COMMAND_MODULES = ("convert_gguf", "merge_lora", "chat")
+COMMAND_MODULES = ("convert_gguf", "merge_lora", "chat", "quickstart")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
