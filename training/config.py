@@ -70,8 +70,9 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str], source: str) -> D
     return cfg
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """Read `path`, apply overrides and resolve every interpolation (a bad one names its key)."""
+def load_config(path: str | Path, overrides: Sequence[str] = (), *, resolve_values: bool = True) -> DictConfig:
+    """Read `path`, apply overrides and resolve every interpolation (a bad one names its key);
+    `resolve_values=False` keeps `${...}` as written (e.g. to print a reusable config)."""
     _register_resolvers()
     path = Path(path)
     if not path.is_file():
@@ -84,7 +85,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     cfg = apply_overrides(cfg, overrides, str(path))
-    resolve(cfg, str(path))
+    if resolve_values:
+        resolve(cfg, str(path))
     return cfg
 
 

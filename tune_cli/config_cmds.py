@@ -56,21 +56,11 @@ def cmd_cat(args) -> int:
         print(config_path.read_text(encoding="utf-8"), end="")  # as written, comments included
         return 0
 
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import OmegaConf
 
-    from tunewright.training.config import ConfigError, apply_overrides, load_config
+    from tunewright.training.config import load_config
 
-    if args.resolve:
-        cfg = load_config(config_path, args.overrides)
-    else:
-        # Interpolations stay as written, so the output can be saved and used as a config.
-        try:
-            cfg = OmegaConf.load(config_path)
-        except Exception as e:  # YAML syntax errors come in many exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"{config_path}: not valid YAML: {first}") from None
-        if not isinstance(cfg, DictConfig):
-            raise ConfigError(f"{config_path}: the top level must be a mapping of keys to values")
-        cfg = apply_overrides(cfg, args.overrides, str(config_path))
+    # Without --resolve, interpolations stay as written so the output can be used as a config.
+    cfg = load_config(config_path, args.overrides, resolve_values=args.resolve)
     print(OmegaConf.to_yaml(cfg, resolve=args.resolve), end="")
     return 0
