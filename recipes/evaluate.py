@@ -22,27 +22,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Mapping
 
 from tunewright.training.entry import recipe_main
-from tunewright.training.schema import component
+from tunewright.training.train_config import RunConfig
 
 
 @dataclass(kw_only=True)
-class Config:
-    recipe: str
-    output_dir: str
-    model: dict[str, Any] = component(required=True)  # e.g. tunewright.models.load_pretrained
-    tokenizer: dict[str, Any] = component(required=True)
-    dataset: dict[str, Any] = component(supplied=("tokenizer",), required=True)  # sft_dataset
+class Config(RunConfig):
     adapter: str | None = None  # a PEFT adapter directory put on the model (and merged)
-
-    seed: int = 0
-    device: str = "cpu"
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    num_threads: int | None = None
     batch_size: int = 8
-    loss_chunk_size: int = 1024
 
     answer_column: str | None = "answer"  # null: loss only
     task: str | None = None  # a reasoning-gym task name: score replies with its scorer

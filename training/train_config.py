@@ -13,24 +13,30 @@ from tunewright.training.schema import component
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class RunConfig:
+    """Keys of every recipe that loads a model and data: training, evaluation."""
+
     recipe: str
     output_dir: str
     model: dict[str, Any] = component(required=True)  # e.g. tunewright.models.load_pretrained
     tokenizer: dict[str, Any] = component(required=True)
     dataset: dict[str, Any] = component(supplied=("tokenizer",), required=True)
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    num_threads: int | None = None  # torch.set_num_threads; None keeps torch's default
+    batch_size: int = 2
+    loss_chunk_size: int = 1024  # tokens per chunk of the output head + cross-entropy
+
+
+@dataclass(kw_only=True)
+class TrainConfig(RunConfig):
     # Held-out split for the validation loss (e.g. the same source with split: train[95%:]).
     val_dataset: dict[str, Any] | None = component(supplied=("tokenizer",))
     optimizer: dict[str, Any] = component(supplied=("params",), required=True)
     lr_scheduler: dict[str, Any] | None = component(supplied=("optimizer", "num_training_steps"))
     metric_logger: dict[str, Any] | None = component(supplied=("output_dir",))
 
-    seed: int = 0
-    device: str = "cpu"
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    num_threads: int | None = None  # torch.set_num_threads; None keeps torch's default
-
-    batch_size: int = 2
     shuffle: bool = True
     group_by_length: bool = False
     gradient_accumulation_steps: int = 1
@@ -38,7 +44,6 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     max_steps: int | None = None
     clip_grad_norm: float | None = 1.0
-    loss_chunk_size: int = 1024  # tokens per chunk of the output head + cross-entropy
     # Compute only real tokens: rows are laid end to end with per-row causal attention
     # (training/unpad.py). Same loss as the padded batch; false computes the padding too.
     padding_free: bool = True
