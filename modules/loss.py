@@ -83,7 +83,7 @@ def chunked_cross_entropy(
     total = hidden.new_zeros((), dtype=torch.float32)
     if n == 0:
         return total + hidden.sum() * 0.0, 0  # keeps the graph so backward still runs
-    if head_weight is not None:
+    if head_weight is not None and torch.is_grad_enabled():  # without grad: the plain loop
         return LinearCrossEntropy.apply(h, head_weight, t, chunk_size), n
     for start in range(0, n, chunk_size):
         hc, tc = h[start : start + chunk_size], t[start : start + chunk_size]
