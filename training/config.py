@@ -16,9 +16,7 @@ import omegaconf
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A user error in a config file or an override; the message is one actionable line."""
+from tunewright.training.errors import ConfigError  # defined there so `tune` starts light
 
 
 def _register_resolvers() -> None:

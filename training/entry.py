@@ -16,6 +16,7 @@ from types import ModuleType
 from typing import Any, Callable, Sequence
 
 from tunewright.training.config import ConfigError, load_config, to_dict
+from tunewright.training.errors import user_error_line
 from tunewright.training.schema import build, validate
 
 
@@ -59,12 +60,7 @@ def exit_on_user_error(fn: Callable[[], Any]) -> Any:
     except user_errors() as e:
         if os.environ.get("TUNEWRIGHT_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, KeyError):
-            msg = f"missing key {msg}"
-        if not isinstance(e, ConfigError):
-            msg += " (TUNEWRIGHT_DEBUG=1 shows the traceback)"
-        print(f"error: {msg}", file=sys.stderr)
+        print(user_error_line(e), file=sys.stderr)
         sys.exit(2)
 
 

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import tunewright
+from tunewright.training.errors import ConfigError
 
 # Tests point this at a fixture tree with `recipes/` and `configs/` folders.
 ROOT = Path(tunewright.__file__).resolve().parent
@@ -21,7 +22,7 @@ ROOT = Path(tunewright.__file__).resolve().parent
 _RECIPE_LINE = re.compile(r"""^recipe\s*:\s*(?:"([^"]*)"|'([^']*)'|([^\s#]+))""")
 
 
-class UsageError(ValueError):
+class UsageError(ConfigError):
     """Bad input to a `tune` command; the message is one actionable line."""
 
 

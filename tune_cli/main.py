@@ -13,6 +13,7 @@ import sys
 from typing import Callable, NoReturn, Sequence
 
 import tunewright
+from tunewright.training.errors import user_error_line
 from tunewright.tune_cli.catalog import UsageError, cmd_cp, cmd_ls, suggest
 from tunewright.tune_cli.config_cmds import cmd_cat, cmd_validate
 from tunewright.tune_cli.download import DEFAULT_IGNORE, cmd_download
@@ -180,10 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as e:
         if os.environ.get("TUNEWRIGHT_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, KeyError):
-            msg = f"missing key {msg}"
-        print(f"error: {msg}", file=sys.stderr)
+        print(user_error_line(e), file=sys.stderr)
         return 2
 
 
