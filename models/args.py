@@ -1,10 +1,17 @@
-"""`ModelArgs`: the shape and options of a decoder. A model size is one of these, a row."""
+"""`ModelArgs`: the shape and options of a decoder. A model size is one of these, a row.
+
+The options beyond Llama's are the data that tells families apart; the builder reads them and
+swaps the part they name (see `models/builder.py`). Defaults are Llama's, so a row only lists
+what differs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+FULL, SLIDING = "full_attention", "sliding_attention"  # HF `layer_types` values
 
 
 @dataclass(frozen=True)
@@ -24,10 +31,47 @@ class ModelArgs:
     tie_embeddings: bool = False
     attn_bias: bool = False
     mlp_bias: bool = False
+    attn_out_bias: bool | None = None  # o_proj bias; None: as attn_bias (Qwen2: q/k/v only)
+    # --- attention variants ---
+    qk_norm: bool = False  # RMSNorm on each q/k head before RoPE (Qwen3, Gemma-3)
+    sliding_window: int | None = None  # keys within this many positions (incl. itself)
+    layer_types: tuple[str, ...] | None = None  # per layer FULL or SLIDING; None: all FULL
+    local_rope_base: float | None = None  # RoPE base of sliding layers (Gemma-3), unscaled
+    rotary_dim: int | None = None  # partial rotary: RoPE on the first rotary_dim of a head
+    attn_scale: float | None = None  # None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
+    attn_softcap: float | None = None  # tanh soft-cap of attention scores (Gemma-2)
+    # --- block and head variants ---
+    activation: str = "silu"  # gated-MLP activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU)
+    norm_offset: float = 0.0  # 1.0: Gemma's (1 + weight) RMSNorm
+    sandwich_norms: bool = False  # extra norms on attention and MLP outputs (Gemma-2/3)
+    embed_scale: float | None = None  # embeddings multiplied by this (Gemma: sqrt(dim))
+    final_softcap: float | None = None  # tanh soft-cap of the logits (Gemma-2)
+    # --- mixture of experts (num_experts == 0: dense) ---
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_dim: int | None = None  # hidden size of one expert; None: intermediate_dim
+    norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to one
+    dense_layers: tuple[int, ...] = ()  # layers that keep a dense MLP in an MoE model
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.dim // self.num_heads
+
+    @property
+    def resolved_out_bias(self) -> bool:
+        return self.attn_bias if self.attn_out_bias is None else self.attn_out_bias
+
+    def layer_type(self, i: int) -> str:
+        if self.layer_types is not None:
+            return self.layer_types[i]
+        return SLIDING if self.sliding_window else FULL
+
+    def window(self, i: int) -> int | None:
+        """The sliding window of layer i, or None for full causal attention."""
+        return self.sliding_window if self.layer_type(i) == SLIDING else None
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i not in self.dense_layers
 
     def replace(self, **changes: Any) -> "ModelArgs":
         return dataclasses.replace(self, **changes)
@@ -37,10 +81,19 @@ class ModelArgs:
         hd = self.resolved_head_dim
         attn = self.dim * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
         if self.attn_bias:
-            attn += hd * (self.num_heads + 2 * self.num_kv_heads) + self.dim
-        mlp = 3 * self.dim * self.intermediate_dim
+            attn += hd * (self.num_heads + 2 * self.num_kv_heads)
+        if self.resolved_out_bias:
+            attn += self.dim
+        if self.qk_norm:
+            attn += 2 * hd
+        dense = 3 * self.dim * self.intermediate_dim
         if self.mlp_bias:
-            mlp += 2 * self.intermediate_dim + self.dim
-        per_layer = attn + mlp + 2 * self.dim
+            dense += 2 * self.intermediate_dim + self.dim
+        moe = self.num_experts * 3 * self.dim * (self.expert_dim or self.intermediate_dim)
+        moe += self.dim * self.num_experts  # router
+        norms = (4 if self.sandwich_norms else 2) * self.dim
+        total = 0
+        for i in range(self.num_layers):
+            total += attn + norms + (moe if self.is_moe_layer(i) else dense)
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
-        return self.vocab_size * self.dim + self.num_layers * per_layer + self.dim + head
+        return self.vocab_size * self.dim + total + self.dim + head

@@ -37,4 +37,7 @@ class Family:
     weight_map: WeightMap
     args_from_hf: Callable[[dict[str, Any]], ModelArgs]
     hf_config: Callable[[ModelArgs], dict[str, Any]]
+    # A small random row (a few layers, dim ~128, vocab 288 = the byte-level test tokenizer) that
+    # `${tiny:<name>}` configs and tests train; it should switch on every option the family has.
+    tiny: ModelArgs | None = None
     build: Callable[[ModelArgs], Any] = field(default=build_decoder)

@@ -105,33 +105,47 @@ def load_hf_weights(
 ) -> None:
     expected = dict(model.state_dict(keep_vars=True))
     loaded: dict[str, torch.Tensor] = {}
+    stacks: dict[str, tuple[torch.Tensor, set[int]]] = {}  # stacked experts being filled
     for path, hf_name, tensor in iter_hf_tensors(model_dir):
-        ours = family.weight_map.to_ours(hf_name)
-        if ours is None or ours not in expected:
+        place = family.weight_map.place(hf_name)
+        if place is None or any(n not in expected for n in place.ours):
             if hf_name == "lm_head.weight" and model.args.tie_embeddings:
                 continue  # some tied checkpoints also store the shared head
             raise ValueError(f"{path}: tensor '{hf_name}' has no place in a {family.name} model "
                              f"of this config (wrong family or config.json?)")
-        want = tuple(expected[ours].shape)
-        if tuple(tensor.shape) != want:
-            raise ValueError(f"{path}: tensor '{hf_name}' has shape {tuple(tensor.shape)}, "
-                             f"config.json implies {want}")
-        loaded[ours] = tensor.to(device=device, dtype=dtype)
+        shapes = [tuple(expected[n].shape) for n in place.ours]
+        if place.expert is not None:
+            (name,), (shape,) = place.ours, shapes
+            want = shape[1:]
+        elif place.fused:
+            want = (sum(s[0] for s in shapes), *shapes[0][1:])
+        else:
+            want = shapes[0]
+        if tuple(tensor.shape) != want or (place.expert is not None and place.expert >= shape[0]):
+            got = f"shape {tuple(tensor.shape)}" if tuple(tensor.shape) != want else f"expert {place.expert}"
+            raise ValueError(f"{path}: tensor '{hf_name}' has {got}, config.json implies {want}"
+                             + (f" x {shape[0]} experts" if place.expert is not None else ""))
+        tensor = tensor.to(device=device, dtype=dtype)
+        if place.expert is not None:
+            stack, filled = stacks.setdefault(name, (torch.empty(shape, dtype=dtype, device=device), set()))
+            stack[place.expert] = tensor
+            filled.add(place.expert)
+            if len(filled) == shape[0]:
+                loaded[name] = stack
+        elif place.fused:
+            loaded.update(zip(place.ours, tensor.split([s[0] for s in shapes])))
+        else:
+            loaded[place.ours[0]] = tensor
     missing = sorted(set(expected) - set(loaded))
     if missing:
-        hf = family.weight_map.to_hf(missing[0]) or missing[0]
-        raise ValueError(f"{model_dir}: checkpoint lacks '{hf}' ({len(missing)} tensors missing)")
+        raise ValueError(f"{model_dir}: checkpoint lacks '{family.weight_map.describe(missing[0])}' "
+                         f"({len(missing)} tensors missing)")
     model.load_state_dict(loaded, assign=True, strict=True)
 
 
 def hf_state_dict(model: nn.Module, family: Family) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        hf = family.weight_map.to_hf(name)
-        if hf is None:
-            raise ValueError(f"parameter '{name}' has no Hugging Face name in family {family.name}")
-        out[hf] = tensor.detach().contiguous()
-    return out
+    state = {name: t.detach() for name, t in model.state_dict().items()}
+    return {k: v.contiguous() for k, v in family.weight_map.hf_tensors(state).items()}
 
 
 def _shard_plan(names: list[str], source_dir: Path | None) -> dict[str, list[str]]:

@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import pkgutil
 import json
 from pathlib import Path
 from typing import Any
 
 from tunewright.models.family import Family
 
-# family name -> module defining FAMILY; imported only when used.
-FAMILY_MODULES: dict[str, str] = {
-    "llama": "tunewright.models.llama",
-}
+
+def _family_packages() -> list[str]:
+    """Every sub-package of `tunewright.models` is a family module (Llama, Qwen2, ...): adding
+    a family is adding a folder, with no list to edit here."""
+    import tunewright.models as models
+
+    return sorted(m.name for m in pkgutil.iter_modules(models.__path__) if m.ispkg)
+
+
+@functools.cache
+def all_families() -> tuple[Family, ...]:
+    """Each family module defines `FAMILY`, or `FAMILIES` when one module serves several."""
+    out: list[Family] = []
+    for name in _family_packages():
+        module = importlib.import_module(f"tunewright.models.{name}")
+        out.extend(getattr(module, "FAMILIES", None) or [module.FAMILY])
+    return tuple(out)
 
 
 def get_family(name: str) -> Family:
-    if name not in FAMILY_MODULES:
-        raise ValueError(f"unknown model family '{name}' (known: {', '.join(FAMILY_MODULES)})")
-    return importlib.import_module(FAMILY_MODULES[name]).FAMILY
-
-
-def all_families() -> list[Family]:
-    return [get_family(n) for n in FAMILY_MODULES]
+    for family in all_families():
+        if family.name == name:
+            return family
+    known = ", ".join(f.name for f in all_families())
+    raise ValueError(f"unknown model family '{name}' (known: {known})")
 
 
 def family_for_config(config: dict[str, Any], source: str) -> Family:

@@ -1,13 +1,21 @@
 """Rename parameters between Hugging Face checkpoints and our modules with name templates.
 
-A family lists pairs `(hf_template, our_template)` where `{}` stands for the layer index, e.g.
-`("model.layers.{}.self_attn.q_proj.weight", "layers.{}.attn.q_proj.weight")`.
+Three kinds of rule, all written as templates where `{}` stands for an index:
+- renames `(hf, ours)`: one tensor each side, e.g.
+  `("model.layers.{}.self_attn.q_proj.weight", "layers.{}.attn.q_proj.weight")`;
+- fused `(hf, (ours, ...))`: one HF tensor is ours concatenated along dim 0 (Phi-3's
+  `qkv_proj` = q, k, v); the split sizes come from our parameters' shapes;
+- experts `(hf, ours)`: the HF template has a second `{}`, the expert; each HF tensor is one
+  slice `ours[e]` of our stacked expert weight (Mixtral, Qwen3-MoE).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
 
 NamePairs = Sequence[tuple[str, str]]
 
@@ -16,23 +24,103 @@ def _compile(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
 
 
-class WeightMap:
-    def __init__(self, pairs: NamePairs) -> None:
-        self.pairs = list(pairs)
-        self._from_hf = [(_compile(hf), ours) for hf, ours in self.pairs]
-        self._to_hf = [(_compile(ours), hf) for hf, ours in self.pairs]
+def _fill(template: str, *indices: str | int) -> str:
+    for i in indices:
+        template = template.replace("{}", str(i), 1)
+    return template
 
-    @staticmethod
-    def _apply(table: list[tuple[re.Pattern[str], str]], name: str) -> str | None:
-        for pattern, template in table:
-            m = pattern.match(name)
-            if m:
-                return template.replace("{}", m.group(1)) if m.groups() else template
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an HF tensor goes: whole into `ours[0]`, split over `ours` (fused), or into
+    `ours[0][expert]` (experts)."""
+
+    ours: tuple[str, ...]
+    expert: int | None = None
+
+    @property
+    def fused(self) -> bool:
+        return len(self.ours) > 1
+
+
+class WeightMap:
+    def __init__(
+        self,
+        pairs: NamePairs,
+        *,
+        fused: Sequence[tuple[str, Sequence[str]]] = (),
+        experts: NamePairs = (),
+    ) -> None:
+        self.pairs = list(pairs)
+        self.fused = [(hf, tuple(ours)) for hf, ours in fused]
+        self.experts = list(experts)
+        self._renames = [(_compile(hf), ours) for hf, ours in self.pairs]
+        self._to_hf = [(_compile(ours), hf) for hf, ours in self.pairs]
+        self._fused = [(_compile(hf), ours) for hf, ours in self.fused]
+        self._experts = [(_compile(hf), ours) for hf, ours in self.experts]
+
+    def place(self, hf_name: str) -> Placement | None:
+        """Where the HF tensor `hf_name` goes in our model, or None if the family has no place."""
+        for pattern, template in self._renames:
+            if m := pattern.match(hf_name):
+                return Placement((_fill(template, *m.groups()),))
+        for pattern, templates in self._fused:
+            if m := pattern.match(hf_name):
+                return Placement(tuple(_fill(t, *m.groups()) for t in templates))
+        for pattern, template in self._experts:
+            if m := pattern.match(hf_name):
+                layer, expert = m.groups()
+                return Placement((_fill(template, layer),), expert=int(expert))
         return None
 
     def to_ours(self, hf_name: str) -> str | None:
-        """Our parameter name for an HF tensor name, or None if the family does not know it."""
-        return self._apply(self._from_hf, hf_name)
+        """Our parameter name for an HF tensor that is renamed one to one, else None."""
+        p = self.place(hf_name)
+        return p.ours[0] if p is not None and not p.fused and p.expert is None else None
 
     def to_hf(self, our_name: str) -> str | None:
-        return self._apply(self._to_hf, our_name)
+        """The HF name of one of our parameters that is renamed one to one, else None."""
+        for pattern, template in self._to_hf:
+            if m := pattern.match(our_name):
+                return _fill(template, *m.groups())
+        return None
+
+    def describe(self, our_name: str) -> str:
+        """The HF name(s) holding `our_name`, for messages."""
+        if hf := self.to_hf(our_name):
+            return hf
+        for hf, ours in self.fused:
+            for t in ours:
+                if m := _compile(t).match(our_name):
+                    return _fill(hf, *m.groups())
+        for hf, ours in self.experts:
+            if m := _compile(ours).match(our_name):
+                return _fill(hf, *m.groups(), "*")
+        return our_name
+
+    def hf_tensors(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Our state dict -> HF tensors (fused ones concatenated, experts unstacked)."""
+        out: dict[str, torch.Tensor] = {}
+        used: set[str] = set()
+        for name, tensor in state.items():
+            if hf := self.to_hf(name):
+                out[hf] = tensor
+                used.add(name)
+        for hf, templates in self.fused:
+            first = _compile(templates[0])
+            for name in state:
+                if m := first.match(name):
+                    parts = [_fill(t, *m.groups()) for t in templates]
+                    out[_fill(hf, *m.groups())] = torch.cat([state[p] for p in parts])
+                    used.update(parts)
+        for hf, template in self.experts:
+            pattern = _compile(template)
+            for name, tensor in state.items():
+                if m := pattern.match(name):
+                    for e, t in enumerate(tensor.unbind(0)):
+                        out[_fill(hf, m.group(1), e)] = t.clone()  # own storage: safetensors refuses shared
+                    used.add(name)
+        unmapped = [n for n in state if n not in used]
+        if unmapped:
+            raise ValueError(f"parameter '{unmapped[0]}' has no Hugging Face name in this family")
+        return out

@@ -30,6 +30,8 @@ class Attention(nn.Module):
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
         scale: float | None = None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         assert num_heads % num_kv_heads == 0, "query heads must be a multiple of kv heads"
@@ -40,6 +42,8 @@ class Attention(nn.Module):
         self.q_norm = q_norm
         self.k_norm = k_norm
         self.scale = scale
+        self.sliding_window = sliding_window  # None: full causal
+        self.softcap = softcap
         self.kv_cache: KVCache | None = None
 
     def forward(
@@ -76,11 +80,48 @@ class Attention(nn.Module):
             v = v.repeat_interleave(rep, dim=1)
         if seq_lens is not None and len(seq_lens) > 1:
             out = torch.cat([
-                F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale)
+                self._attend(qs, ks, vs, None, 0)
                 for qs, ks, vs in zip(q.split(seq_lens, 2), k.split(seq_lens, 2), v.split(seq_lens, 2))
             ], dim=2)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and s > 1, scale=self.scale
-            )
+            out = self._attend(q, k, v, mask, cache_pos or 0)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+        q_start: int,
+    ) -> torch.Tensor:
+        """Attention of q [b, h, s, d] (at positions q_start..) over k/v [b, h, kv_len, d] from 0.
+
+        mask None means causal; a sliding window narrows it to the last `sliding_window` keys.
+        Plain SDPA (and its fused kernels) whenever no option needs an explicit mask.
+        """
+        s, kv_len = q.shape[2], k.shape[2]
+        if self.sliding_window is not None and kv_len > self.sliding_window:
+            window = causal_window_mask(q_start, s, kv_len, self.sliding_window, q.device)
+            mask = window if mask is None else mask & window
+        if self.softcap is None:
+            causal = mask is None and s > 1
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
+        # Soft-capping sits between the scores and the softmax, which SDPA cannot express.
+        if mask is None and s > 1:
+            mask = causal_window_mask(q_start, s, kv_len, None, q.device)
+        scale = self.scale if self.scale is not None else self.head_dim**-0.5
+        scores = (q @ k.transpose(-2, -1)) * scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+def causal_window_mask(
+    q_start: int, s: int, kv_len: int, window: int | None, device: torch.device
+) -> torch.Tensor:
+    """bool [s, kv_len]: query q_start+i sees key j when j <= q_start+i (and, with a window,
+    q_start+i - j < window, HF's convention: the window counts the query itself)."""
+    q = torch.arange(q_start, q_start + s, device=device)[:, None]
+    k = torch.arange(kv_len, device=device)[None]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (q - k < window)
+    return mask

@@ -74,6 +74,7 @@ class Decoder(nn.Module):
         rope: RotaryEmbedding,
         embed_scale: float | None = None,
         final_logit_softcap: float | None = None,
+        local_rope: RotaryEmbedding | None = None,
     ) -> None:
         super().__init__()
         self.tok_embeddings = tok_embeddings
@@ -81,6 +82,7 @@ class Decoder(nn.Module):
         self.norm = norm
         self.output = output  # None: tied to tok_embeddings
         self.rope = rope
+        self.local_rope = local_rope  # sliding-window layers' own RoPE (Gemma-3), if any
         self.embed_scale = embed_scale
         self.final_logit_softcap = final_logit_softcap
 
@@ -131,7 +133,8 @@ class Decoder(nn.Module):
         if input_pos is None:
             start = cache_pos or 0
             input_pos = torch.arange(start, start + s, device=tokens.device).expand(b, s)
-        cos, sin = self.rope.cos_sin(input_pos, h.dtype)
+        cos_sin = self.rope.cos_sin(input_pos, h.dtype)
+        local_cos_sin = cos_sin if self.local_rope is None else self.local_rope.cos_sin(input_pos, h.dtype)
         mask = None
         if doc_ids is not None:
             mask = document_causal_mask(doc_ids)
@@ -141,6 +144,7 @@ class Decoder(nn.Module):
             q_pos = torch.arange(cache_pos, kv_len, device=tokens.device)
             mask = (torch.arange(kv_len, device=tokens.device)[None] <= q_pos[:, None])[None, None]
         for layer in self.layers:
+            cos, sin = local_cos_sin if layer.attn.sliding_window is not None else cos_sin
             h = layer(h, cos, sin, mask=mask, cache_pos=cache_pos, seq_lens=seq_lens)
         h = self.norm(h)
         return h if hidden_only else self.head(h)

@@ -1,6 +1,7 @@
 """The tiny model and dataset that every `tiny` config trains, made here, offline, in seconds.
 
-`${tiny:llama}` in a config is a directory holding a random 2-layer Llama in Hugging Face format
+`${tiny:llama}` (or any family with a `tiny` row: `${tiny:qwen3}`, ...) in a config is a
+directory holding a random small model of that family in Hugging Face format
 (config.json, model.safetensors, a byte-level BPE tokenizer.json with ChatML special tokens and
 chat template); `${tiny:sft}` an Alpaca-style JSONL file of small string tasks (reverse, upper-
 case, add) that the tiny model learns within a few dozen steps. Both are deterministic and
@@ -9,6 +10,7 @@ cached under `$TUNEWRIGHT_CACHE` (default `~/.cache/tunewright`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -60,16 +62,17 @@ def byte_level_tokenizer_json() -> dict:
     }
 
 
-def make_tiny_llama(out: Path) -> None:
+def make_tiny_model(out: Path, family: str = "llama") -> None:
+    """A random model of `family` (its `tiny` row) with the byte-level ChatML tokenizer."""
     import torch
 
-    from tunewright.models.args import ModelArgs
     from tunewright.models.builder import init_weights
     from tunewright.models.pretrained import build_model, save_pretrained
+    from tunewright.models.registry import get_family
 
-    args = ModelArgs(family="llama", vocab_size=288, dim=128, num_layers=2, num_heads=4,
-                     num_kv_heads=2, intermediate_dim=256, rope_base=10000.0, max_seq_len=2048,
-                     norm_eps=1e-5)
+    args = get_family(family).tiny
+    if args is None:
+        raise ValueError(f"model family '{family}' has no tiny row to build a test model from")
     model = build_model(args, device="cpu")
     init_weights(model, seed=1234)
     save_pretrained(model, out, dtype=torch.float32)
@@ -102,16 +105,26 @@ def make_tiny_sft(out: Path, *, num_rows: int = 512, seed: int = 0) -> None:
 
 ASSETS: dict[str, tuple[Callable[[Path], None], str]] = {
     # name -> (maker writing into a directory, the path inside it that configs use)
-    "llama": (make_tiny_llama, ""),
     "sft": (make_tiny_sft, "train.jsonl"),
 }
 
 
+def _asset(name: str) -> tuple[Callable[[Path], None], str]:
+    if name in ASSETS:
+        return ASSETS[name]
+    from tunewright.models.registry import all_families
+
+    families = [f.name for f in all_families() if f.tiny is not None]
+    if name not in families:
+        raise ValueError(f"unknown tiny asset '{name}' (known: {', '.join([*ASSETS, *families])})")
+    return functools.partial(make_tiny_model, family=name), ""
+
+
 def tiny_asset(name: str) -> Path:
-    """Path of a tiny asset, making it first if it is not cached yet (safe across processes)."""
-    if name not in ASSETS:
-        raise ValueError(f"unknown tiny asset '{name}' (known: {', '.join(ASSETS)})")
-    maker, inner = ASSETS[name]
+    """Path of a tiny asset, making it first if it is not cached yet (safe across processes).
+
+    Names: `sft`, or a model family (`llama`, `qwen2`, ...) for its tiny random model."""
+    maker, inner = _asset(name)
     final = cache_root() / "tiny" / f"{name}-{VERSION}"
     if not final.exists():
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -111,4 +111,6 @@ FAMILY = Family(
     weight_map=WEIGHTS,
     args_from_hf=args_from_hf,
     hf_config=hf_config,
+    tiny=ModelArgs(family="llama", vocab_size=288, dim=128, num_layers=2, num_heads=4,
+                   num_kv_heads=2, intermediate_dim=256, max_seq_len=2048, norm_eps=1e-5),
 )

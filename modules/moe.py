@@ -1,0 +1,85 @@
+"""Mixture-of-experts feed-forward (Mixtral, Qwen3-MoE): a router picks top-k experts per token.
+
+The experts are stacked weights (`gate_proj`/`up_proj` [E, hidden, dim], `down_proj` [E, dim,
+hidden]) and run as grouped matrix multiplies over the tokens sorted by expert: one call per
+projection for all experts, no Python loop over experts or tokens (`torch._grouped_mm`, with a
+per-expert loop only where that kernel is missing). Checkpoints store one tensor per expert;
+the family's weight map stacks and unstacks them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
+    # The grouped-mm backward rejects expanded (stride-0) gradients, e.g. from `.sum()`.
+    if t.requires_grad:
+        t.register_hook(lambda g: g.contiguous())
+    return t
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [T, in] sorted by group, weight [E, out, in], counts [E] rows per group -> [T, out]."""
+    if hasattr(torch, "_grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        offs = counts.cumsum(0).to(torch.int32)
+        return _contiguous_grad(torch._grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=offs))
+    chunks = x.split(counts.tolist())
+    return torch.cat([c @ weight[e].t() for e, c in enumerate(chunks)])
+
+
+class Experts(nn.Module):
+    """E gated MLPs (`down(act(gate(x)) * up(x))`) as stacked parameters."""
+
+    def __init__(
+        self, num_experts: int, dim: int, hidden_dim: int, *,
+        activation: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.activation = activation
+
+    def project(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One stacked projection; adapters (LoRA on experts) override this."""
+        return grouped_linear(x, getattr(self, name), counts)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [T, dim] sorted by expert, counts [E] -> [T, dim]."""
+        h = self.activation(self.project("gate_proj", x, counts)) * self.project("up_proj", x, counts)
+        return self.project("down_proj", h, counts)
+
+    def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        with torch.no_grad():
+            for p in (self.gate_proj, self.up_proj, self.down_proj):
+                p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=generator))
+
+
+class MoE(nn.Module):
+    def __init__(self, *, router: nn.Linear, experts: Experts, top_k: int, norm_topk_prob: bool = True) -> None:
+        super().__init__()
+        self.router = router  # dim -> num_experts logits; frozen by LoRA like every base weight
+        self.experts = experts
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        # Routing in fp32 as the references do: the top-k choice must not flip under bf16.
+        probs = torch.softmax(self.router(x).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # [T, k]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        flat = chosen.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        token = order // self.top_k
+        counts = torch.bincount(flat, minlength=self.experts.num_experts)
+        y = self.experts(x[token], counts) * weights.reshape(-1)[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y).view(shape)
