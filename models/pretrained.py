@@ -136,6 +136,12 @@ def load_hf_weights(
             loaded.update(zip(place.ours, tensor.split([s[0] for s in shapes])))
         else:
             loaded[place.ours[0]] = tensor
+    for name, (stack, filled) in stacks.items():
+        if len(filled) < stack.shape[0]:  # fewer experts stored than config.json declares
+            lacking = min(set(range(stack.shape[0])) - filled)
+            hf_name = family.weight_map.describe(name).replace("*", str(lacking))
+            raise ValueError(f"{model_dir}: checkpoint lacks '{hf_name}' (it stores {len(filled)} "
+                             f"experts, config.json declares {stack.shape[0]})")
     missing = sorted(set(expected) - set(loaded))
     if missing:
         raise ValueError(f"{model_dir}: checkpoint lacks '{family.weight_map.describe(missing[0])}' "

@@ -85,6 +85,15 @@ class WeightMap:
                 return _fill(template, *m.groups())
         return None
 
+    def fused_group(self, our_name: str) -> tuple[str, tuple[str, ...]] | None:
+        """(HF name, all our names fused into it, in HF row order) when `our_name` is one part
+        of a fused HF tensor, else None."""
+        for hf, ours in self.fused:
+            for t in ours:
+                if m := _compile(t).match(our_name):
+                    return _fill(hf, *m.groups()), tuple(_fill(o, *m.groups()) for o in ours)
+        return None
+
     def describe(self, our_name: str) -> str:
         """The HF name(s) holding `our_name`, for messages."""
         if hf := self.to_hf(our_name):

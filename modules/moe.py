@@ -3,7 +3,8 @@
 The experts are stacked weights (`gate_proj`/`up_proj` [E, hidden, dim], `down_proj` [E, dim,
 hidden]) and run as grouped matrix multiplies over the tokens sorted by expert: one call per
 projection for all experts, no Python loop over experts or tokens (`torch._grouped_mm`, with a
-per-expert loop only where that kernel is missing). Checkpoints store one tensor per expert;
+per-expert loop only where that kernel is missing or cannot take the sizes: it needs 16-byte
+aligned rows, fp32/bf16/fp16 on CPU, bf16 on CUDA). Checkpoints store one tensor per expert;
 the family's weight map stacks and unstacks them.
 """
 
@@ -23,11 +24,30 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x.dtype != weight.dtype:
+        return False
+    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
+        return False  # the CUDA kernel is bf16 only
+    if x.device.type not in ("cpu", "cuda") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    # The kernel needs 16-byte-aligned strides: both feature sizes (rows are padded below).
+    return all(n * x.element_size() % 16 == 0 for n in weight.shape[1:])
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x [T, in] sorted by group, weight [E, out, in], counts [E] rows per group -> [T, out]."""
-    if hasattr(torch, "_grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+    if x.shape[0] > 0 and _grouped_mm_ok(x, weight):
+        # The weight gradient reads x transposed, so the row count must be aligned too: zero
+        # rows appended to the last group change neither its output rows nor its gradient.
+        num_rows = x.shape[0]
+        pad = -num_rows % 16
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
         offs = counts.cumsum(0).to(torch.int32)
-        return _contiguous_grad(torch._grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=offs))
+        offs[-1] += pad
+        y = torch._grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=offs)
+        return _contiguous_grad(y[:num_rows] if pad else y)
     chunks = x.split(counts.tolist())
     return torch.cat([c @ weight[e].t() for e, c in enumerate(chunks)])
 

@@ -20,7 +20,11 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight + self.offset) * h.to(dtype) if self.offset else self.weight * h.to(dtype)
+        if self.offset:
+            # Gemma scales in fp32 and casts after, `(h * (1 + w)).to(dtype)`, where Llama casts
+            # first: the two differ in bf16, and each checkpoint was trained with its own.
+            return (h * (self.offset + self.weight.float())).to(dtype)
+        return self.weight * h.to(dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight) if not self.offset else nn.init.zeros_(self.weight)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 from tunewright.training.entry import recipe_main
 from tunewright.training.train_config import TrainConfig
@@ -25,6 +26,8 @@ class Config(TrainConfig):
     lora_dropout: float = 0.0
     use_rslora: bool = False
     use_dora: bool = False
+    # gate/up/down of a mixture-of-experts layer: an adapter per expert, one shared, or none
+    lora_experts: Literal["per_expert", "shared"] | None = "per_expert"
     quantize_base: bool = False  # QLoRA: frozen base weights of adapted layers in NF4
     save_final_model: bool = False  # the merged model (HF format) in <output_dir>/merged
     save_adapter: bool = True  # the PEFT adapter in <output_dir>/adapter
@@ -32,8 +35,8 @@ class Config(TrainConfig):
 
 def main(cfg: Config) -> list[dict]:
     from tunewright.models import save_pretrained
-    from tunewright.models.peft_adapter import save_peft_adapter, write_peft_adapter
-    from tunewright.modules.peft.apply import apply_lora, merge_lora
+    from tunewright.models.peft_adapter import adapter_groups, save_peft_adapter, write_peft_adapter
+    from tunewright.modules.peft.apply import apply_lora, expert_lora_modules, merge_lora
     from tunewright.modules.peft.qlora import quantize_base_nf4
     from tunewright.training import distributed as dist
     from tunewright.training.instantiate import instantiate
@@ -51,7 +54,16 @@ def main(cfg: Config) -> list[dict]:
     # ------------------------------------------------------------------ model + adapters
     model = instantiate(cfg.model, dtype=training_dtype(cfg.dtype, device), device=device)
     adapted = apply_lora(model, targets=cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                         dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+                         dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+                         experts=cfg.lora_experts)
+    # PEFT's format has no place yet for LoRA on stacked experts: checkpoints still hold it
+    # (resume works) and save_final_model writes the merged model.
+    peft_ok = next(expert_lora_modules(model), None) is None
+    if not peft_ok and cfg.save_adapter and dist.is_main():
+        print("save_adapter: no PEFT adapter is written, PEFT's format cannot hold LoRA on "
+              "mixture-of-experts experts yet; save_final_model=true writes the merged model")
+    if peft_ok:
+        adapter_groups(model)  # fails now, not at the first save, if targets split a fused layer
     if cfg.quantize_base:
         quantize_base_nf4(model)
     if cfg.enable_activation_checkpointing:
@@ -64,14 +76,14 @@ def main(cfg: Config) -> list[dict]:
 
     # ------------------------------------------------------------------ data + loop
     _, train, val = build_data(cfg)
-    export = partial(write_peft_adapter, model, base_model_path=base_path)
+    export = partial(write_peft_adapter, model, base_model_path=base_path) if peft_ok else None
     trainer = build_trainer(cfg, model, train, val, device=device, export=export)
     history = trainer.fit()
 
     # ------------------------------------------------------------------ export
     if dist.is_main():
         out = Path(cfg.output_dir)
-        if cfg.save_adapter:
+        if cfg.save_adapter and peft_ok:
             print(f"saved the adapter (PEFT format) to {save_peft_adapter(model, out / 'adapter', base_model_path=base_path)}")
         if cfg.save_final_model:
             merge_lora(model)

@@ -50,7 +50,7 @@ def test_tiny_model_saved_by_us_loads_in_transformers(tmp_path, family):
 
 
 FAST = ["batch_size=4", "eval_every_n_steps=null", "progress_bar=false", "num_threads=1",
-        "max_steps=10", "save_final_model=false", "save_every_n_steps=null"]
+        "max_steps=16", "save_final_model=false", "save_every_n_steps=null"]
 
 
 @pytest.mark.parametrize("recipe", ["full", "lora"])
@@ -62,5 +62,5 @@ def test_tiny_model_learns(tmp_path, family, recipe):
         [f"output_dir={tmp_path}", f"model.path=${{tiny:{family}}}", *FAST],
     )
     losses = [row["loss"] for row in history if "loss" in row]
-    assert len(losses) == 10
+    assert len(losses) == 16
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses

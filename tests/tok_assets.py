@@ -99,3 +99,64 @@ def write_hf_tokenizer_json(
     saved = {t["content"]: t["id"] for t in json.loads(path.read_text())["added_tokens"]}
     assert saved == specials, "special token ids differ from the vocabulary's"
     return path
+
+
+# -- shared by tests/test_tokenizers_families.py ----------------------------------------------
+
+# What tokenizers get wrong first: long numbers (Llama-3 groups digits by three, Qwen splits
+# them one by one), runs of spaces/tabs/newlines and trailing whitespace (the `\s+(?!\S)`
+# branch), emoji with skin tones and ZWJ sequences (multi-token characters), CJK, combining
+# accents, code, and special-token look-alikes.
+FAMILY_SAMPLE = [
+    *SAMPLE,
+    "12345678901234567890 and 3.141592653589793, 1e-10, -42, 0x1F, 1_000_000",
+    "trailing spaces   ",
+    "  two leading, \t\t tabs,\n\n\n\nnewlines \n\t \n  and a final newline\n",
+    "      deep indent\n        more\n\tmixed\t \t",
+    "👨‍👩‍👧‍👦 family, 🏳️‍🌈 flag, 🧑🏿‍🚀 astronaut, ❤️‍🔥, 1️⃣ keycap",
+    "日本語の文章です。中文句子，标点！ 한국어 문장입니다. ภาษาไทย العربية",
+    "Crème brûlée, façade, Ærøskøbing, Ångström, naïve, São Paulo, Dvořák, Łódź",
+    "for (int i = 0; i < n; ++i) {\n\tsum += a[i] * b[i]; // dot\n}\nprint(f\"{x!r:>10}\")",
+    "<|not_a_token|> <s > </ s> [INST ] <|im_start |> <<SYS>>",
+]
+
+
+def quicktok_tokenizer_json(name: str, pattern: str, *, nfc: bool) -> Path:
+    """The cached HF tokenizer.json of quicktok's `name` vocabulary (transformers' converter)."""
+
+    def build(path: Path) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ranks_file = write_tiktoken_file(quicktok_ranks(name), Path(tmp) / "ranks.tiktoken")
+            write_hf_tokenizer_json(ranks_file, pattern, quicktok_specials(name), path, nfc=nfc)
+
+    return cached_file(f"{name}-tokenizer.json", build)
+
+
+def sentencepiece_vocab_merges(model_file: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A SentencePiece BPE model as HF vocab + merges (merges ranked by piece score, as
+    transformers' converter does), read without protobuf."""
+    import sentencepiece
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    return vocab, generate_merges(vocab, {piece: sp.get_score(i) for piece, i in vocab.items()})
+
+
+def byte_level_tokenizer_dir(
+    directory: Path, specials: list[str], *, flags: dict[str, dict] | None = None, config: dict | None = None
+) -> Path:
+    """training/tiny_assets' byte-level tokenizer.json (one token per byte) with `specials` at
+    ids 256.., their lstrip/rstrip `flags`, and `config` as tokenizer_config.json."""
+    from tunewright.training.tiny_assets import byte_level_tokenizer_json
+
+    data = byte_level_tokenizer_json()
+    base = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    data["added_tokens"] = [
+        {**base, **(flags or {}).get(t, {}), "id": 256 + i, "content": t} for i, t in enumerate(specials)
+    ]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    if config is not None:
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory

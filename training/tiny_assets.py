@@ -11,6 +11,7 @@ cached under `$TUNEWRIGHT_CACHE` (default `~/.cache/tunewright`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import random
@@ -109,23 +110,26 @@ ASSETS: dict[str, tuple[Callable[[Path], None], str]] = {
 }
 
 
-def _asset(name: str) -> tuple[Callable[[Path], None], str]:
+def _asset(name: str) -> tuple[Callable[[Path], None], str, str]:
+    """(maker, path inside its directory, cache key: changes when what it makes changes)."""
     if name in ASSETS:
-        return ASSETS[name]
+        return (*ASSETS[name], VERSION)
     from tunewright.models.registry import all_families
 
-    families = [f.name for f in all_families() if f.tiny is not None]
+    families = {f.name: f for f in all_families() if f.tiny is not None}
     if name not in families:
         raise ValueError(f"unknown tiny asset '{name}' (known: {', '.join([*ASSETS, *families])})")
-    return functools.partial(make_tiny_model, family=name), ""
+    # The row is part of the key, so editing a family's tiny row never reuses a stale model.
+    row = hashlib.sha256(repr(families[name].tiny).encode()).hexdigest()[:8]
+    return functools.partial(make_tiny_model, family=name), "", f"{VERSION}-{row}"
 
 
 def tiny_asset(name: str) -> Path:
     """Path of a tiny asset, making it first if it is not cached yet (safe across processes).
 
     Names: `sft`, or a model family (`llama`, `qwen2`, ...) for its tiny random model."""
-    maker, inner = _asset(name)
-    final = cache_root() / "tiny" / f"{name}-{VERSION}"
+    maker, inner, key = _asset(name)
+    final = cache_root() / "tiny" / f"{name}-{key}"
     if not final.exists():
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"

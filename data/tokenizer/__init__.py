@@ -3,8 +3,10 @@
     base.py           the Tokenizer protocol, Message, IGNORE_INDEX
     bpe.py            BPETokenizer: byte-level BPE on tiktoken (Llama-3, Qwen, SmolLM2, GPT-2)
     hf_bpe.py         HF tokenizer.json / vocab.json+merges.txt -> tiktoken ranks and regex
+    added.py          AddedTokens: added/special tokens found in text as HF does (lstrip/rstrip)
     sentencepiece.py  SentencePieceTokenizer (Llama-2, Mistral tokenizer.model)
     chat.py           ChatFormat: chat templates rendered as transformers does, assistant masks
+    templates/        the families' published Jinja chat templates, by name (see its README)
 
 `load_tokenizer` picks the engine from the files of a model directory. Nothing here is imported
 at CLI start: tiktoken, sentencepiece and jinja2 load only when a tokenizer is built.
@@ -17,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from tunewright.data.tokenizer.added import flags_of
 from tunewright.data.tokenizer.base import IGNORE_INDEX, Message, Tokenizer
 
 __all__ = ["IGNORE_INDEX", "Message", "Tokenizer", "load_tokenizer"]
@@ -34,8 +37,10 @@ def load_tokenizer(
     file like Llama-3's; a SentencePiece-style `tokenizer.json` defers to it). bos/eos/pad and
     the chat template come from `tokenizer_config.json`, `special_tokens_map.json`,
     `chat_template.jinja` and `generation_config.json` beside it, whose eos ids also stop
-    generation. `chat_template` (Jinja source or a name: chatml, llama3, llama2, mistral)
-    replaces the model's; without either, ChatML and Llama-3 vocabularies get their format.
+    generation. The chat template is, first to last: `chat_template` (Jinja source or a name in
+    `chat.NAMED_TEMPLATES`: chatml, qwen2_5, llama3, llama3_2, llama2, mistral, mistral_v3,
+    gemma, gemma2, phi3), the model's own (`chat_template.jinja` or tokenizer_config.json), the
+    named template of its family (config.json `model_type`, else its special tokens).
     `max_seq_len` cuts `tokenize_messages` output to that many tokens.
     """
     path = Path(path)
@@ -44,7 +49,7 @@ def load_tokenizer(
     directory = path if path.is_dir() else path.parent
     config = _read_config(directory)
     engine, kwargs = _engine(path, config)
-    added = {**config["added"], **kwargs.get("added_tokens", {})}
+    added = {**config["added"], **(kwargs.get("added_tokens") or {})}
     for role in ("bos", "eos", "pad"):
         if added.get(config[role]) is not None:
             kwargs[f"{role}_id"] = added[config[role]]
@@ -57,7 +62,8 @@ def load_tokenizer(
     except ValueError as e:
         raise ValueError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
-    template = chat_template or config["chat_template"] or _default_template(tok.added_tokens)
+    template = chat_template or config["chat_template"]
+    template = template or _default_template(tok.added_tokens, config["model_type"])
     if template is not None:
         from tunewright.data.tokenizer.chat import ChatFormat
 
@@ -90,14 +96,17 @@ def _engine(path: Path, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     else:
         model_file = path
 
+    sentencepiece_json: dict[str, Any] = {}
     if json_file and json_file.is_file():
         try:
             return BPETokenizer, hf_bpe.read_tokenizer_json(json_file)
         except ValueError:
             if not (model_file and model_file.is_file()):
                 raise  # else: a SentencePiece-style tokenizer.json, use the model file instead
+            sentencepiece_json = _read_json(json_file)
     # Added tokens named only in tokenizer_config.json (tokenizer.json lists its own).
     config_special = {"special_ids": config["special_ids"]} if config["added"] else {}
+    config_special["added_flags"] = config["added_flags"]
     if vocab and merges and vocab.is_file() and merges.is_file():
         vocab_ids = json.loads(vocab.read_text(encoding="utf-8"))
         names = [config[role] for role in ("bos", "eos", "pad", "unk")]
@@ -107,7 +116,16 @@ def _engine(path: Path, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     if model_file and model_file.is_file():
         if _is_tiktoken_file(model_file):
             return BPETokenizer, {**read_tiktoken_file(model_file, config["added"] or None), **config_special}
-        return SentencePieceTokenizer, {"path": model_file, "added_tokens": config["added"]}
+        kwargs = {"path": model_file, "added_tokens": config["added"], **config_special}
+        if sentencepiece_json:  # its added tokens, their flags and where it puts "▁"
+            added, flags, special_ids = hf_bpe.read_added_tokens(sentencepiece_json)
+            kwargs["added_tokens"] = {**config["added"], **added}
+            kwargs["added_flags"] = {**config["added_flags"], **flags}
+            kwargs["special_ids"] = sorted({*config["special_ids"], *special_ids})
+            kwargs["prefix"] = hf_bpe.sentencepiece_prefix(sentencepiece_json, json_file)
+        elif config["legacy"] is False:  # transformers' non-legacy Llama/Mistral tokenizer
+            kwargs["prefix"] = "first"
+        return SentencePieceTokenizer, kwargs
     raise ValueError(
         f"{path}: no tokenizer found (expected tokenizer.json, vocab.json + merges.txt or tokenizer.model)"
     )
@@ -130,7 +148,10 @@ def _read_config(directory: Path) -> dict[str, Any]:
         out[role] = value.get("content") if isinstance(value, dict) else value
     added = tok_cfg.get("added_tokens_decoder", {})
     out["added"] = {v["content"]: int(k) for k, v in added.items()}
+    out["added_flags"] = flags_of(added.values())
     out["special_ids"] = [int(k) for k, v in added.items() if v.get("special", True)]
+    out["legacy"] = tok_cfg.get("legacy")
+    out["model_type"] = _read_json(directory / "config.json").get("model_type")
     eos_ids = gen_cfg.get("eos_token_id")
     out["eos_ids"] = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
     out["pad_token_id"] = gen_cfg.get("pad_token_id")
@@ -152,9 +173,33 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def _default_template(added: dict[str, int]) -> str | None:
+# config.json `model_type` -> the named template of that family. Gemma-2's own template rejects
+# a system message; Gemma-3's (named "gemma") folds it into the first user turn and is
+# otherwise the same, so every Gemma gets it.
+_FAMILY_TEMPLATES = {
+    "qwen2": "qwen2_5",
+    "qwen2_moe": "qwen2_5",
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "gemma3_text": "gemma",
+    "phi3": "phi3",
+}
+
+
+def _default_template(added: dict[str, int], model_type: str | None) -> str | None:
+    """The named template for a tokenizer without one: by model type, else by special tokens."""
+    if model_type == "mistral" or (model_type is None and "[INST]" in added):
+        # v3+ vocabularies have [INST] as a control token; v1's writes it as text.
+        return "mistral_v3" if "[INST]" in added else "mistral"
+    if model_type in _FAMILY_TEMPLATES:
+        return _FAMILY_TEMPLATES[model_type]
     if "<|im_start|>" in added and "<|im_end|>" in added:
         return "chatml"
     if "<|start_header_id|>" in added and "<|eot_id|>" in added:
         return "llama3"
+    if "<start_of_turn>" in added and "<end_of_turn>" in added:
+        return "gemma"
+    if all(t in added for t in ("<|user|>", "<|assistant|>", "<|end|>")):
+        return "phi3"
     return None

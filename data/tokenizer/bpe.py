@@ -5,8 +5,9 @@ reduced to the same three things: mergeable token bytes -> rank, one pre-tokeniz
 added tokens. HF files are converted in `hf_bpe.py`.
 
 Added tokens written in the text (`<|im_start|>`, `<|eot_id|>`) are encoded as their single id,
-as HF `tokenizers` does, so ids equal `apply_chat_template(tokenize=True)`. The flip side is
-that a dataset containing such strings gets real control tokens; clean data that may hold them.
+as HF `tokenizers` does (see `added.py`, incl. lstrip/rstrip), so ids equal
+`apply_chat_template(tokenize=True)`. The flip side is that a dataset containing such strings
+gets real control tokens; clean data that may hold them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from tunewright.data.tokenizer import chat
+from tunewright.data.tokenizer.added import STRIPPED, AddedTokens
 
 if TYPE_CHECKING:
     from tunewright.data.tokenizer.base import Message
@@ -107,6 +109,7 @@ class BPETokenizer:
         added_tokens: Mapping[str, int] | None = None,
         *,
         ids: Sequence[int] | None = None,
+        added_flags: Mapping[str, Mapping[str, bool]] | None = None,
         special_ids: Iterable[int] | None = None,
         decode_only: Mapping[int, bytes] | None = None,
         normalization: str | None = None,
@@ -128,20 +131,17 @@ class BPETokenizer:
             first_free = max([*ranks.values(), *added.values()]) + 1
             placeholders = {b: first_free + i for i, b in enumerate(missing)}
             self._id_of: list[int] | None = None
-            tiktoken_specials = added
         else:
-            # tiktoken returns ranks; give added tokens ranks after the mergeable ones and map
-            # every rank back to its id after encoding.
+            # tiktoken returns ranks: map every rank back to its id after encoding.
             placeholders = {b: len(ids) + i for i, b in enumerate(missing)}
-            self._id_of = [*ids, *[-1] * len(missing), *added.values()]
-            tiktoken_specials = {text: len(ids) + len(missing) + i for i, text in enumerate(added)}
+            self._id_of = [*ids, *[-1] * len(missing)]
         self._dropped = frozenset(placeholders.values())
+        # Added tokens are cut out before tiktoken sees the text (`AddedTokens`), so tiktoken
+        # only ever encodes plain text.
         self._encoding = tiktoken.Encoding(
-            name="tunewright-bpe",
-            pat_str=pattern,
-            mergeable_ranks={**ranks, **placeholders},
-            special_tokens=tiktoken_specials,
+            name="tunewright-bpe", pat_str=pattern, mergeable_ranks={**ranks, **placeholders}, special_tokens={}
         )
+        self._added = AddedTokens(added, added_flags)
         # id -> bytes for decode; `decode_only` holds vocabulary entries no merge can produce.
         self._bytes: dict[int, bytes] = dict(decode_only or {})
         for token, rank in ranks.items():
@@ -194,7 +194,16 @@ class BPETokenizer:
     # -- Tokenizer protocol ------------------------------------------------------------------
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = self._encode(self.normalize(text))
+        text = self.normalize(text)
+        ids: list[int] = []
+        for start, end, added_id in self._added.split(text):
+            if added_id is not None:
+                ids += [] if added_id == STRIPPED else [added_id]
+                continue
+            values = self._encoding.encode_ordinary(text[start:end])
+            if self._dropped:
+                values = [v for v in values if v not in self._dropped]
+            ids += values if self._id_of is None else [self._id_of[v] for v in values]
         if add_bos and self.bos_id is not None:  # models without one (Qwen) start bare
             ids.insert(0, self.bos_id)
         if add_eos:
@@ -226,12 +235,25 @@ class BPETokenizer:
 
         A token holding part of a multi-byte character spans that whole character.
         """
-        values = self._encoding.encode(text, allowed_special="all")
-        # A dropped byte (see __init__) still takes up its byte of the text.
-        lengths = [1 if v in self._dropped else len(self._bytes[self._to_id(v)]) for v in values]
-        spans = chat.char_spans(text, lengths)
-        kept = [k for k, v in enumerate(values) if v not in self._dropped]
-        return [self._to_id(values[k]) for k in kept], [spans[k] for k in kept]
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        for start, end, added_id in self._added.split(text):
+            if added_id == STRIPPED:
+                continue
+            if added_id is not None:
+                ids.append(added_id)
+                spans.append((start, end))
+                continue
+            piece = text[start:end]
+            values = self._encoding.encode_ordinary(piece)
+            # A dropped byte (see __init__) still takes up its byte of the text.
+            lengths = [1 if v in self._dropped else len(self._bytes[self._to_id(v)]) for v in values]
+            piece_spans = chat.char_spans(piece, lengths)
+            for value, (s, e) in zip(values, piece_spans):
+                if value not in self._dropped:
+                    ids.append(self._to_id(value))
+                    spans.append((start + s, start + e))
+        return ids, spans
 
     def token_to_id(self, token: str) -> int | None:
         """Id of an added token, for chat templates' `bos_token`/`eos_token` names."""
@@ -239,12 +261,6 @@ class BPETokenizer:
 
     def id_to_token(self, id_: int) -> str:
         return self._bytes[id_].decode("utf-8", errors="replace")
-
-    def _encode(self, text: str) -> list[int]:
-        values = self._encoding.encode(text, allowed_special="all")
-        if self._dropped:
-            values = [v for v in values if v not in self._dropped]
-        return values if self._id_of is None else [self._id_of[v] for v in values]
 
     def _to_id(self, value: int) -> int:
         """The id of what tiktoken returned (a rank, or an added token's number)."""

@@ -19,57 +19,17 @@ import re
 from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 if TYPE_CHECKING:
     from tunewright.data.tokenizer.base import Message
 
-_CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-# Meta-Llama-3-8B-Instruct's template.
-_LLAMA3 = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    " + message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-# Llama-2-chat's template: the system prompt goes inside the first [INST] block.
-_LLAMA2 = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] %}"
-    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
-    "{% endfor %}"
-)
-# Mistral-7B-Instruct-v0.1's template; a system message is prepended to the first user turn.
-_MISTRAL = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] + '\n\n' %}"
-    "{% else %}{% set loop_messages = messages %}{% set system_message = '' %}{% endif %}"
-    "{{ bos_token }}{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if message['role'] == 'user' %}"
-    "{% set content = system_message + message['content'] if loop.first else message['content'] %}"
-    "{{ '[INST] ' + content + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
-    "{% endfor %}"
-)
-NAMED_TEMPLATES = {"chatml": _CHATML, "llama3": _LLAMA3, "llama2": _LLAMA2, "mistral": _MISTRAL}
+# The chat templates of the model families, as their tokenizer_config.json publishes them (see
+# templates/README.md for where each comes from). A tokenizer directory without a template of
+# its own gets one of these by name (`load_tokenizer` picks it from the model type).
+_TEMPLATE_DIR = Path(__file__).parent / "templates"
+NAMED_TEMPLATES = {p.stem: p.read_text(encoding="utf-8") for p in sorted(_TEMPLATE_DIR.glob("*.jinja"))}
 # Tokens that end a turn in the templates we know; those a template uses become stop ids.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
 
@@ -146,6 +106,7 @@ class ChatFormat:
             is_prefix = rendered and text.startswith(before) and text.startswith(through)
             if is_prefix and len(through) > len(before):
                 start, end = len(before), len(through)
+                end = self._cut_after_marker(text, message, start, end)
             else:
                 start, end = self._find_content(text, message, max(cursor, _common_prefix(before, text)))
             # Whitespace after the end-of-turn marker only separates turns: not trained on.
@@ -160,13 +121,32 @@ class ChatFormat:
         if not content or start < 0:
             raise ValueError("chat template rewrites assistant content; cannot tell which tokens to train on")
         end = start + len(content)
-        markers = [t for t in END_OF_TURN_TOKENS if t in self.template]
-        markers += [self.template_vars["eos_token"]] if self.template_vars.get("eos_token") else []
-        for marker in markers:
+        for marker in self._markers():
             if text.startswith(marker, end):
                 end += len(marker)
                 break
         return start, end
+
+    def _markers(self) -> list[str]:
+        """The end-of-turn markers this template writes (its eos_token among them)."""
+        markers = [t for t in END_OF_TURN_TOKENS if t in self.template]
+        return markers + ([self.template_vars["eos_token"]] if self.template_vars.get("eos_token") else [])
+
+    def _cut_after_marker(self, text: str, message: dict, start: int, end: int) -> int:
+        """End an assistant turn at its first end-of-turn marker after the content.
+
+        What a template adds with the last turn can go past it: Phi-3 ends the conversation
+        with eos after `<|end|>`, which is not part of the reply.
+        """
+        content = str(message.get("content") or "").strip()
+        at = text.find(content, start, end) if content else -1
+        after = at + len(content) if at >= 0 else start
+        found = [(text.find(m, after, end), m) for m in self._markers()]
+        found = [(pos, m) for pos, m in found if pos >= 0]
+        if not found:
+            return end
+        pos, marker = min(found)
+        return pos + len(marker)
 
 
 def tokenize_messages(

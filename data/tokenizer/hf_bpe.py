@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from tunewright.data.tokenizer.added import flags_of
 from tunewright.data.tokenizer.bpe import GPT2_PATTERN
 
 # After an HF `Digits` split the GPT-2 regex runs on digit-free pieces: digits become their
@@ -52,11 +53,52 @@ def read_tokenizer_json(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: BPE with subword prefix/suffix is not byte-level BPE")
     pattern = _pattern(data.get("pre_tokenizer"), path)
     normalization = _normalization(data.get("normalizer"), path)
-    added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
-    special_ids = [t["id"] for t in data.get("added_tokens", []) if t.get("special", True)]
+    added, added_flags, special_ids = read_added_tokens(data)
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     kwargs = convert_vocab(model["vocab"], merges, added, path)
-    return {**kwargs, "pattern": pattern, "special_ids": special_ids, "normalization": normalization}
+    return {
+        **kwargs,
+        "pattern": pattern,
+        "special_ids": special_ids,
+        "normalization": normalization,
+        "added_flags": added_flags,
+    }
+
+
+def read_added_tokens(data: dict[str, Any]) -> tuple[dict[str, int], dict[str, dict[str, bool]], list[int]]:
+    """A parsed `tokenizer.json`'s added tokens: text -> id, their strip flags, the special ids."""
+    entries = data.get("added_tokens") or []
+    added = {t["content"]: t["id"] for t in entries}
+    special_ids = [t["id"] for t in entries if t.get("special", True)]
+    return added, flags_of(entries), special_ids
+
+
+def sentencepiece_prefix(data: dict[str, Any], path: str | Path) -> str:
+    """Where a SentencePiece-style `tokenizer.json` puts the "▁" that stands for a leading space.
+
+    "legacy": in front of every piece of text between added tokens (a `Prepend` normaliser, as
+    SentencePiece itself does); otherwise its `Metaspace` pre-tokenizer's prepend scheme:
+    "first" (only the text at the very start), "always" or "never", each skipped when the
+    text already starts with a space.
+    """
+    normalizers = _steps(data.get("normalizer"), "normalizers")
+    if any(n.get("type") == "Prepend" for n in normalizers):
+        return "legacy"
+    for step in _steps(data.get("pre_tokenizer"), "pretokenizers"):
+        if step.get("type") == "Metaspace":
+            scheme = step.get("prepend_scheme")
+            if scheme is None:  # files from before prepend_scheme existed
+                scheme = "always" if step.get("add_prefix_space", True) else "never"
+            if scheme not in ("first", "always", "never"):
+                raise ValueError(f"{path}: unknown Metaspace prepend_scheme {scheme!r}")
+            return scheme
+    return "legacy"
+
+
+def _steps(node: dict | None, key: str) -> list[dict]:
+    if not node:
+        return []
+    return list(node.get(key) or []) if node.get("type") == "Sequence" else [node]
 
 
 def read_vocab_merges(

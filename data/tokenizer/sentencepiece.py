@@ -1,19 +1,25 @@
 """SentencePiece models (Llama-2, Mistral `tokenizer.model`) behind the `Tokenizer` protocol.
 
-Control tokens (`<s>`, `</s>`, `<unk>`) and added tokens written in the text are encoded as
-their ids, like HF tokenizers do; the text between them is encoded by SentencePiece piece by
-piece, each piece getting SentencePiece's dummy-prefix space. That is what Mistral's reference
-tokenizer and the (legacy) HF `tokenizer.json` of Llama-2/Mistral do, so `[INST]` after `<s>`
-is `▁[INST]`.
+Control tokens (`<s>`, `</s>`, `<unk>`, v3's `[INST]`) and added tokens written in the text are
+encoded as their ids, like HF tokenizers do (see `added.py`, incl. lstrip/rstrip); the text
+between them is encoded by SentencePiece piece by piece. Where the "▁" standing for a leading
+space goes is `prefix`:
+- "legacy": SentencePiece's dummy prefix on every piece, what `sentencepiece` itself, Mistral's
+  v1 tokenizer and the legacy HF `tokenizer.json` of Llama-2/Mistral-v0.1 do, so `[INST]` after
+  `<s>` is `▁[INST]`;
+- "first" (HF `Metaspace(prepend_scheme="first")`, `legacy: false`, e.g. Mistral-v0.3): only on
+  the text at the very start, so `[INST] hi` is `[INST]`, `▁hi`, what mistral-common gives;
+- "always" / "never": every piece / none; these and "first" skip it when the text already
+  starts with a space.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from tunewright.data.tokenizer import chat
+from tunewright.data.tokenizer.added import STRIPPED, AddedTokens
 
 if TYPE_CHECKING:
     from tunewright.data.tokenizer.base import Message
@@ -28,7 +34,9 @@ class SentencePieceTokenizer:
         path: str | Path,
         *,
         added_tokens: Mapping[str, int] | None = None,
+        added_flags: Mapping[str, Mapping[str, bool]] | None = None,
         special_ids: Iterable[int] | None = None,
+        prefix: str = "legacy",
         bos_id: int | None = None,
         eos_id: int | None = None,
         pad_id: int | None = None,
@@ -48,11 +56,17 @@ class SentencePieceTokenizer:
         self.added_tokens = {**controls, **(added_tokens or {})}
         self.special_ids = frozenset(self.added_tokens.values() if special_ids is None else special_ids)
         self._id_to_added = {i: t for t, i in self.added_tokens.items()}
-        # Longest first, so that of two added tokens sharing a prefix the longer one wins.
-        names = sorted(self.added_tokens, key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
-        # Whether SentencePiece prepends "▁" to every piece it encodes (add_dummy_prefix).
+        self._added = AddedTokens(self.added_tokens, added_flags)
+        if prefix not in ("legacy", "first", "always", "never"):
+            raise ValueError(f"{path}: prefix must be legacy, first, always or never, not {prefix!r}")
+        self.prefix = prefix
+        # Whether SentencePiece prepends "▁" to every piece it encodes (add_dummy_prefix); the
+        # same model without it encodes the pieces that get no "▁".
         self._dummy_prefix = sp.id_to_piece(sp.encode("a")[0]).startswith("▁")
+        self._bare = sp
+        if self._dummy_prefix and prefix != "legacy":
+            proto = _without_dummy_prefix(sp.serialized_model_proto())
+            self._bare = sentencepiece.SentencePieceProcessor(model_proto=proto)
         self.vocab_size = max(num_pieces, max(self.added_tokens.values(), default=0) + 1)
 
         self.bos_id = bos_id if bos_id is not None else (sp.bos_id() if sp.bos_id() >= 0 else None)
@@ -68,7 +82,12 @@ class SentencePieceTokenizer:
         self.max_seq_len = max_seq_len
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = [i for piece in self._pieces(text) for i in self._encode_piece(piece)]
+        ids: list[int] = []
+        for start, end, added_id in self._added.split(text):
+            if added_id is None:
+                ids += self._processor(text, start, end).encode(text[start:end])
+            elif added_id != STRIPPED:
+                ids.append(added_id)
         if add_bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if add_eos:
@@ -77,15 +96,18 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         out, run = [], []
-        for i in ids:
-            if i in self._id_to_added:
-                out.append(self._sp.decode(run))
-                run = []
-                if not (skip_special and i in self.special_ids):
-                    out.append(self._id_to_added[i])
-            else:
+        for i in [*ids, None]:  # None flushes the last run
+            if i is not None and i not in self._id_to_added:
                 run.append(i)
-        out.append(self._sp.decode(run))
+                continue
+            if run:
+                # A run's leading "▁" is a dummy prefix where encode put one: at the start,
+                # or after every added token in legacy/always mode.
+                prefixed = not out or self.prefix in ("legacy", "always")
+                out.append((self._sp if prefixed else self._bare).decode(run))
+                run = []
+            if i is not None and not (skip_special and i in self.special_ids):
+                out.append(self._id_to_added[i])
         return "".join(out)
 
     def tokenize_messages(
@@ -101,12 +123,18 @@ class SentencePieceTokenizer:
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         ids: list[int] = []
         spans: list[tuple[int, int]] = []
-        start = 0
-        for piece in self._pieces(text):
-            piece_ids = self._encode_piece(piece)
+        for start, end, added_id in self._added.split(text):
+            if added_id == STRIPPED:
+                continue
+            if added_id is not None:
+                ids.append(added_id)
+                spans.append((start, end))
+                continue
+            processor = self._processor(text, start, end)
+            piece_ids = processor.encode(text[start:end])
             ids += piece_ids
-            spans += [(start + s, start + e) for s, e in self._piece_spans(piece, piece_ids)]
-            start += len(piece)
+            piece_spans = self._piece_spans(text[start:end], piece_ids, processor is not self._bare)
+            spans += [(start + s, start + e) for s, e in piece_spans]
         return ids, spans
 
     def token_to_id(self, token: str) -> int | None:
@@ -118,29 +146,26 @@ class SentencePieceTokenizer:
     def id_to_token(self, id_: int) -> str:
         return self._id_to_added.get(id_) or self._sp.id_to_piece(id_)
 
-    def _pieces(self, text: str) -> list[str]:
-        """`text` cut into added tokens and the plain text between them."""
-        parts = self._split.split(text) if self._split else [text]
-        return [p for p in parts if p]
+    def _processor(self, text: str, start: int, end: int):
+        """The SentencePiece processor for the plain text text[start:end]: with or without "▁"."""
+        if self.prefix == "legacy":
+            return self._sp
+        starts_with_space = text.startswith((" ", "▁"), start, end)
+        prefixed = self.prefix == "always" or (self.prefix == "first" and start == 0)
+        return self._sp if prefixed and not starts_with_space else self._bare
 
-    def _encode_piece(self, piece: str) -> list[int]:
-        if piece in self.added_tokens:
-            return [self.added_tokens[piece]]
-        return self._sp.encode(piece)
-
-    def _piece_spans(self, piece: str, ids: list[int]) -> list[tuple[int, int]]:
-        if piece in self.added_tokens:
-            return [(0, len(piece))]
+    def _piece_spans(self, piece: str, ids: list[int], prefixed: bool) -> list[tuple[int, int]]:
         token_bytes = [self._token_bytes(i) for i in ids]
         surface = b"".join(token_bytes)
-        prefix = " " if self._dummy_prefix else ""
+        prefix = " " if prefixed and self._dummy_prefix else ""
         if surface == (prefix + piece).encode():
             spans = chat.char_spans(prefix + piece, [len(b) for b in token_bytes])
             # The dummy-prefix space is not in the text: a token of it alone covers the first
             # character, so it is trained on exactly when the text after it is.
             return [(max(s - len(prefix), 0), max(e - len(prefix), 1)) for s, e in spans]
         # The model normalises (NFKC, squeezed spaces): fall back to decoding prefixes.
-        starts = [len(self._sp.decode(ids[:k])) for k in range(len(ids))] + [len(piece)]
+        processor = self._sp if prefixed else self._bare
+        starts = [len(processor.decode(ids[:k])) for k in range(len(ids))] + [len(piece)]
         starts = [min(s, len(piece)) for s in starts]
         return [(starts[k], max(starts[k + 1], starts[k])) for k in range(len(ids))]
 
@@ -151,3 +176,70 @@ class SentencePieceTokenizer:
         if self._sp.is_control(id_) or self._sp.is_unknown(id_):
             return b""
         return piece.replace("▁", " ").encode()
+
+
+def _without_dummy_prefix(model_proto: bytes) -> bytes:
+    """A serialized SentencePiece ModelProto with `normalizer_spec.add_dummy_prefix = false`.
+
+    Edited on the wire (no protobuf dependency): ModelProto field 3 is the NormalizerSpec, whose
+    field 3 is add_dummy_prefix; every other byte is kept.
+    """
+    out, pos = bytearray(), 0
+    while pos < len(model_proto):
+        field_start = pos
+        tag, pos = _varint(model_proto, pos)
+        if tag & 7 == 0:
+            _, pos = _varint(model_proto, pos)
+        elif tag & 7 == 2:
+            size, pos = _varint(model_proto, pos)
+            if tag >> 3 == 3:
+                spec = _drop_field(model_proto[pos : pos + size], 3) + b"\x18\x00"
+                out += b"\x1a" + _encode_varint(len(spec)) + spec
+                pos += size
+                continue
+            pos += size
+        else:
+            raise ValueError(f"unexpected wire type {tag & 7} in a SentencePiece model")
+        out += model_proto[field_start:pos]
+    return bytes(out)
+
+
+def _drop_field(message: bytes, number: int) -> bytes:
+    out, pos = bytearray(), 0
+    while pos < len(message):
+        field_start = pos
+        tag, pos = _varint(message, pos)
+        if tag & 7 == 0:
+            _, pos = _varint(message, pos)
+        elif tag & 7 == 2:
+            size, pos = _varint(message, pos)
+            pos += size
+        elif tag & 7 == 5:
+            pos += 4
+        elif tag & 7 == 1:
+            pos += 8
+        else:
+            raise ValueError(f"unexpected wire type {tag & 7} in a SentencePiece model")
+        if tag >> 3 != number:
+            out += message[field_start:pos]
+    return bytes(out)
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)

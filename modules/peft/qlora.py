@@ -10,7 +10,7 @@ import math
 
 from torch import nn
 
-from tunewright.modules.peft.apply import lora_modules
+from tunewright.modules.peft.apply import expert_lora_modules, lora_modules
 from tunewright.modules.peft.nf4 import is_nf4, nf4_module
 
 BLOCK_SIZE = 64  # values per NF4 scale (the paper's choice)
@@ -19,6 +19,9 @@ SCALER_BLOCK_SIZE = 256  # scales per double-quantized block
 
 def quantize_base_nf4(model: nn.Module) -> int:
     """Quantize the base weight of every LoRA layer in place; returns how many were quantized."""
+    for name, _ in expert_lora_modules(model):
+        raise ValueError(f"QLoRA: torchao's NF4 tensor holds only 2-D weights, not the stacked experts "
+                         f"of {name}; set experts=None (recipe key lora_experts: null) or quantize_base: false")
     nf4 = nf4_module()
     count = 0
     for name, module in lora_modules(model):
