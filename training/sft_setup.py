@@ -38,6 +38,7 @@ def build_trainer(
     device: torch.device,
     export: Callable[[Path], None] | None = None,
     loss_fn: Callable | None = None,
+    checkpointer: Any = None,
 ) -> Trainer:
     """The shared loop with the config's optimizer (over trainable parameters) and schedule."""
     optimizer = instantiate(cfg.optimizer, params=[p for p in model.parameters() if p.requires_grad])
@@ -52,6 +53,7 @@ def build_trainer(
         metric_sink=instantiate(cfg.metric_logger, output_dir=cfg.output_dir),
         export=export,
         device=device,
+        checkpointer=checkpointer,
     )
     trainer.lr_scheduler = instantiate(cfg.lr_scheduler, optimizer=optimizer,
                                        num_training_steps=trainer.total_steps)

@@ -110,6 +110,18 @@ def _count(batch: Batch, key: str) -> int:
     return int(batch["tokens"].numel())
 
 
+class LocalCheckpointer:
+    """Step checkpoints as whole tensors written by rank 0 (`training/checkpointing.py`)."""
+
+    def save(self, output_dir: str, step: int, **kwargs: Any) -> Path | None:
+        path = save_checkpoint(output_dir, step, **kwargs) if dist.is_main() else None
+        dist.barrier()
+        return path
+
+    def load(self, step_dir: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return load_checkpoint(step_dir, model=model, optimizer=optimizer)
+
+
 class Trainer:
     def __init__(
         self,
@@ -124,6 +136,7 @@ class Trainer:
         export: Callable[[Path], None] | None = None,
         metric_sink: Any = None,
         device: torch.device | str = "cpu",
+        checkpointer: Any = None,
     ) -> None:
         self.s = settings
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
@@ -142,6 +155,9 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.metric_sink = metric_sink
+        # How step checkpoints are written and read: the single-device files by default; a
+        # distributed recipe passes a sharded one (same two methods, see `LocalCheckpointer`).
+        self.checkpointer = checkpointer or LocalCheckpointer()
 
     # ---------------------------------------------------------------- resume
     def _trainer_state(self) -> dict[str, Any]:
@@ -157,7 +173,7 @@ class Trainer:
         step_dir = resolve_resume(self.s.output_dir, self.s.resume_from_checkpoint)
         if step_dir is None:
             return None
-        state = load_checkpoint(step_dir, model=self.model, optimizer=self.optimizer)
+        state = self.checkpointer.load(step_dir, model=self.model, optimizer=self.optimizer)
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.train_batches.sampler.load_state_dict(state["sampler"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
@@ -165,15 +181,11 @@ class Trainer:
         return self.step
 
     def save(self) -> Path | None:
-        path = None
-        if dist.is_main():
-            path = save_checkpoint(
-                self.s.output_dir, self.step, model=self.model, optimizer=self.optimizer,
-                trainer_state=self._trainer_state(), export=self.export,
-                keep_last=self.s.keep_last_n_checkpoints,
-            )
-        dist.barrier()
-        return path
+        return self.checkpointer.save(
+            self.s.output_dir, self.step, model=self.model, optimizer=self.optimizer,
+            trainer_state=self._trainer_state(), export=self.export,
+            keep_last=self.s.keep_last_n_checkpoints,
+        )
 
     # ---------------------------------------------------------------- steps
     def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, Any]:
