@@ -14,6 +14,14 @@ beginning; with the current epoch it keeps the position, so a resumed loop may c
 Checkpoints: `state_dict()` counts the indices this sampler has yielded. A DataLoader with
 workers pulls indices ahead of the training step (prefetch), so a recipe should save
 ``{"epoch": epoch, "index": batches_done * batch_size}`` rather than the raw count.
+
+Another number of ranks: the state also records `world_size` and `consumed`, the position in
+the epoch's global order (``index * world_size``: ranks take turns, so after `index` each, the
+first `consumed` indices are used). A run resumed on a different world size continues at that
+position, e.g. 2 ranks at index n -> 1 rank at index 2n; a position the new world size does not
+divide has no exact continuation and fails. Keep the global batch (batch_size x world_size)
+equal so steps stay the same; length grouping even requires it (its megabatches span it).
+A state without `world_size` (a recipe's own count) is taken as this sampler's world size.
 """
 
 from __future__ import annotations
@@ -78,13 +86,38 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
             self.index = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+        state = {"epoch": self.epoch, "index": self.index, "world_size": self.world_size,
+                 "consumed": self.index * self.world_size}
+        if self.group_by_length:
+            state["megabatch_size"] = self.megabatch_size
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if not 0 <= state["index"] <= len(self):
-            raise ValueError(f"sampler state index {state['index']} outside 0..{len(self)}")
+        saved_megabatch = state.get("megabatch_size")
+        if self.group_by_length and saved_megabatch not in (None, self.megabatch_size):
+            raise ValueError(
+                f"sampler state: length grouping used megabatches of {saved_megabatch} samples, this "
+                f"run {self.megabatch_size}; resume with the same batch_size x world_size")
+        world_size = int(state.get("world_size", self.world_size))
+        index = int(state["index"])
+        if world_size != self.world_size:
+            consumed = int(state.get("consumed", index * world_size))
+            index = self._index_at(consumed, f"epoch {state['epoch']}, {world_size} ranks")
+        if not 0 <= index <= len(self):
+            raise ValueError(f"sampler state index {index} outside 0..{len(self)}")
         self.epoch = int(state["epoch"])
-        self.index = int(state["index"])
+        self.index = index
+
+    def _index_at(self, consumed: int, saved: str) -> int:
+        """This rank's index at global position `consumed` of the epoch's order."""
+        if consumed >= len(self) * self.world_size:  # this world size's epoch is used up
+            return len(self)
+        if consumed % self.world_size:
+            raise ValueError(
+                f"sampler state: the checkpoint stopped after {consumed} samples ({saved}), which "
+                f"{self.world_size} ranks cannot continue exactly ({consumed} is not a multiple of "
+                f"{self.world_size}); resume on a number of ranks that divides it")
+        return consumed // self.world_size
 
     def __iter__(self) -> Iterator[int]:
         shard = self._epoch_order()[self.rank :: self.world_size]

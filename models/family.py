@@ -28,6 +28,45 @@ def rope_scaling(config: dict[str, Any]) -> dict[str, Any] | None:
     return None if kind == "default" else {k: v for k, v in scaling.items() if k != "rope_theta"}
 
 
+def shape_from_hf(
+    c: dict[str, Any], family: str, *, head_dim: int | None = None, norm_eps: float = 1e-6,
+    max_seq_len: int = 4096, tie_embeddings: bool = False,
+) -> dict[str, Any]:
+    """The `ModelArgs` fields every decoder's config.json states the same way; keyword defaults
+    are the family's config-class defaults for keys a config.json may leave out."""
+    return dict(
+        family=family,
+        vocab_size=c["vocab_size"],
+        dim=c["hidden_size"],
+        num_layers=c["num_hidden_layers"],
+        num_heads=c["num_attention_heads"],
+        num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+        intermediate_dim=c["intermediate_size"],
+        head_dim=c.get("head_dim") or head_dim,
+        norm_eps=c.get("rms_norm_eps", norm_eps),
+        max_seq_len=c.get("max_position_embeddings", max_seq_len),
+        tie_embeddings=bool(c.get("tie_word_embeddings", tie_embeddings)),
+    )
+
+
+def shape_to_hf(a: ModelArgs, model_type: str, architecture: str) -> dict[str, Any]:
+    """The config.json fields of `shape_from_hf`, from a row."""
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": a.vocab_size,
+        "hidden_size": a.dim,
+        "num_hidden_layers": a.num_layers,
+        "num_attention_heads": a.num_heads,
+        "num_key_value_heads": a.num_kv_heads,
+        "intermediate_size": a.intermediate_dim,
+        "head_dim": a.resolved_head_dim,
+        "rms_norm_eps": a.norm_eps,
+        "max_position_embeddings": a.max_seq_len,
+        "tie_word_embeddings": a.tie_embeddings,
+    }
+
+
 @dataclass
 class Family:
     name: str
@@ -41,3 +80,9 @@ class Family:
     # `${tiny:<name>}` configs and tests train; it should switch on every option the family has.
     tiny: ModelArgs | None = None
     build: Callable[[ModelArgs], Any] = field(default=build_decoder)
+    # Tensor-parallel plan (block-relative module path -> "colwise" / "rowwise" / "per_head") for
+    # a family whose blocks differ; None: `training/tensor_parallel.py`'s DEFAULT_TP_PLAN.
+    tp_plan: dict[str, str] | None = None
+    # `model_type`s (among model_types) of multimodal checkpoints whose text model is ours: the
+    # rest is skipped on load, so saving from one writes the text-only `hf_config`, not its config.
+    multimodal_types: tuple[str, ...] = ()

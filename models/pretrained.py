@@ -11,7 +11,7 @@ import json
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -58,14 +58,18 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_hf_tensors(model_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
+def iter_hf_tensors(
+    model_dir: Path, skip: Callable[[str], bool] | None = None,
+) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, name, tensor) of every stored tensor; those `skip` names are never read."""
     from safetensors import safe_open
 
     for path in safetensors_files(model_dir):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
-                    yield path, name, f.get_tensor(name)
+                    if skip is None or not skip(name):
+                        yield path, name, f.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types on corrupt headers
             if isinstance(e, (ValueError, FileNotFoundError)) and str(path) in str(e):
                 raise
@@ -106,10 +110,10 @@ def load_hf_weights(
     expected = dict(model.state_dict(keep_vars=True))
     loaded: dict[str, torch.Tensor] = {}
     stacks: dict[str, tuple[torch.Tensor, set[int]]] = {}  # stacked experts being filled
-    for path, hf_name, tensor in iter_hf_tensors(model_dir):
+    for path, hf_name, tensor in iter_hf_tensors(model_dir, family.weight_map.skips):
         place = family.weight_map.place(hf_name)
         if place is None or any(n not in expected for n in place.ours):
-            if hf_name == "lm_head.weight" and model.args.tie_embeddings:
+            if family.weight_map.canonical(hf_name) == "lm_head.weight" and model.args.tie_embeddings:
                 continue  # some tied checkpoints also store the shared head
             raise ValueError(f"{path}: tensor '{hf_name}' has no place in a {family.name} model "
                              f"of this config (wrong family or config.json?)")
@@ -125,6 +129,8 @@ def load_hf_weights(
             got = f"shape {tuple(tensor.shape)}" if tuple(tensor.shape) != want else f"expert {place.expert}"
             raise ValueError(f"{path}: tensor '{hf_name}' has {got}, config.json implies {want}"
                              + (f" x {shape[0]} experts" if place.expert is not None else ""))
+        if place.expert is None and place.ours[0] in loaded:  # e.g. under two alias prefixes
+            raise ValueError(f"{path}: tensor '{hf_name}' is stored twice in {model_dir}")
         tensor = tensor.to(device=device, dtype=dtype)
         if place.expert is not None:
             stack, filled = stacks.setdefault(name, (torch.empty(shape, dtype=dtype, device=device), set()))
@@ -154,10 +160,12 @@ def hf_state_dict(model: nn.Module, family: Family) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in family.weight_map.hf_tensors(state).items()}
 
 
-def _shard_plan(names: list[str], source_dir: Path | None) -> dict[str, list[str]]:
+def _shard_plan(names: list[str], source_dir: Path | None, family: Family) -> dict[str, list[str]]:
     """Same file names and grouping as the source checkpoint, else one file."""
     if source_dir is not None and (source_dir / INDEX_FILE).is_file():
-        weight_map = json.loads((source_dir / INDEX_FILE).read_text())["weight_map"]
+        stored = json.loads((source_dir / INDEX_FILE).read_text())["weight_map"]
+        # Source names under an alias prefix (a multimodal checkpoint's text model) as we write them.
+        weight_map = {family.weight_map.canonical(n): f for n, f in stored.items()}
         plan: dict[str, list[str]] = defaultdict(list)
         fallback = sorted(set(weight_map.values()))[-1]
         for n in names:
@@ -175,34 +183,53 @@ def save_pretrained(
 ) -> Path:
     """Write `model` in Hugging Face format so `transformers` loads it; atomic.
 
-    With `source_dir`, its config.json, tokenizer and generation files are copied and its
-    sharding is kept; `dtype` casts the saved tensors (default: as they are in the model).
+    With `source_dir`, its config.json (the family's text-only one if the source is multimodal),
+    tokenizer and generation files are copied and its sharding is kept; `dtype` casts the saved
+    tensors (default: as they are in the model).
     """
-    from safetensors.torch import save_file
-
-    args: ModelArgs = model.args
-    family = get_family(args.family)
+    family = get_family(model.args.family)
     source = Path(source_dir) if source_dir is not None else None
     tensors = hf_state_dict(model, family)
     if dtype is not None:
         tensors = {k: v.to(as_dtype(dtype)) for k, v in tensors.items()}
     tensors = {k: v.cpu() for k, v in tensors.items()}
-    config: dict[str, Any] = read_config(source) if source is not None else family.hf_config(args)
-    saved_dtype = next(iter(tensors.values())).dtype
-    config["torch_dtype"] = str(saved_dtype).removeprefix("torch.")
-    plan = _shard_plan(list(tensors), source)
+    plan = _shard_plan(list(tensors), source, family)
+    files = ((fname, {n: tensors[n] for n in names}) for fname, names in plan.items())
+    return write_pretrained(out_dir, model.args, files, source_dir=source)
+
+
+def write_pretrained(
+    out_dir: str | Path,
+    args: ModelArgs,
+    files: Iterable[tuple[str, dict[str, torch.Tensor]]],
+    *,
+    source_dir: Path | None = None,
+) -> Path:
+    """A Hugging Face directory from its weight files, written as `files` yields them (a
+    sharded model gathers one file at a time), then the index, config.json and the source's
+    tokenizer and generation files; atomic."""
+    from safetensors.torch import save_file
+
+    family = get_family(args.family)
+    config: dict[str, Any] = read_config(source_dir) if source_dir is not None else family.hf_config(args)
+    if config.get("model_type") in family.multimodal_types:  # we save only its text model
+        config = family.hf_config(args)
+    weight_map: dict[str, str] = {}
+    total, saved_dtype = 0, None
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        for fname, names in plan.items():
-            save_file({n: tensors[n] for n in names}, str(tmp / fname), metadata={"format": "pt"})
-        if len(plan) > 1:
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            weight_map = {n: f for f, names in plan.items() for n in names}
+        for fname, tensors in files:
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, fname))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            saved_dtype = saved_dtype or next(iter(tensors.values())).dtype
+        if len(set(weight_map.values())) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        config["torch_dtype"] = str(saved_dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if source is not None:
-            for f in source.iterdir():
+        if source_dir is not None:
+            for f in source_dir.iterdir():
                 if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(_WEIGHT_SUFFIXES):
                     shutil.copy2(f, tmp / f.name)
     return out_dir

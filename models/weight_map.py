@@ -7,6 +7,11 @@ Three kinds of rule, all written as templates where `{}` stands for an index:
   `qkv_proj` = q, k, v); the split sizes come from our parameters' shapes;
 - experts `(hf, ours)`: the HF template has a second `{}`, the expert; each HF tensor is one
   slice `ours[e]` of our stacked expert weight (Mixtral, Qwen3-MoE).
+
+When our model is the text part of a larger checkpoint (multimodal Gemma-3), `aliases`
+`(prefix, canonical)` read HF names starting with `prefix` as if they started with `canonical`
+(saving always writes canonical names), and `skip` lists the HF name prefixes of parts we do
+not model (a vision tower), which the loader leaves unread.
 """
 
 from __future__ import annotations
@@ -50,17 +55,33 @@ class WeightMap:
         *,
         fused: Sequence[tuple[str, Sequence[str]]] = (),
         experts: NamePairs = (),
+        aliases: NamePairs = (),
+        skip: Sequence[str] = (),
     ) -> None:
         self.pairs = list(pairs)
         self.fused = [(hf, tuple(ours)) for hf, ours in fused]
         self.experts = list(experts)
+        self.aliases = list(aliases)
+        self.skip = tuple(skip)
         self._renames = [(_compile(hf), ours) for hf, ours in self.pairs]
         self._to_hf = [(_compile(ours), hf) for hf, ours in self.pairs]
         self._fused = [(_compile(hf), ours) for hf, ours in self.fused]
         self._experts = [(_compile(hf), ours) for hf, ours in self.experts]
 
+    def canonical(self, hf_name: str) -> str:
+        """`hf_name` with an alias prefix replaced by the name this map's rules are written in."""
+        for prefix, canonical in self.aliases:
+            if hf_name.startswith(prefix):
+                return canonical + hf_name[len(prefix):]
+        return hf_name
+
+    def skips(self, hf_name: str) -> bool:
+        """Whether `hf_name` belongs to a part of the checkpoint we do not model."""
+        return hf_name.startswith(self.skip)
+
     def place(self, hf_name: str) -> Placement | None:
         """Where the HF tensor `hf_name` goes in our model, or None if the family has no place."""
+        hf_name = self.canonical(hf_name)
         for pattern, template in self._renames:
             if m := pattern.match(hf_name):
                 return Placement((_fill(template, *m.groups()),))

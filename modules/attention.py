@@ -101,7 +101,7 @@ class Attention(nn.Module):
             window = causal_window_mask(q_start, s, kv_len, self.sliding_window, q.device)
             mask = window if mask is None else mask & window
         if self.softcap is None:
-            causal = mask is None and s > 1
+            causal = bool(mask is None and s > 1)  # a plain bool: a symbolic one splits compiled graphs
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
         # Soft-capping sits between the scores and the softmax, which SDPA cannot express.
         if mask is None and s > 1:

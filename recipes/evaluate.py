@@ -38,6 +38,9 @@ class Config(RunConfig):
     max_new_tokens: int = 32
     max_answers: int | None = None  # score only the first N rows that carry an answer
     generate_batch_size: int = 64  # prompts decoded together (equal lengths batch best)
+    # torch.compile each block for the held-out loss; replies are generated eagerly (each group
+    # of equal-length prompts has its own KV-cache size, which would recompile per group).
+    compile: bool = False
 
 
 def normalize(text: str) -> str:
@@ -109,6 +112,7 @@ def main(cfg: Config) -> dict[str, Any]:
     from tunewright.training.instantiate import instantiate
     from tunewright.training.setup import seed_everything, setup_device
     from tunewright.training.trainer import causal_lm_loss
+    from tunewright.training.transforms import compile_blocks
 
     # ------------------------------------------------------------------ set-up
     for key in ("batch_size", "generate_batch_size", "max_new_tokens"):
@@ -126,12 +130,17 @@ def main(cfg: Config) -> dict[str, Any]:
     if cfg.adapter is not None:
         merge_adapter(model, cfg.adapter)  # folded into the weights: generation at base speed
     model.eval()
+    if cfg.compile:
+        compile_blocks(model)
     tokenizer = instantiate(cfg.tokenizer)
 
     # ------------------------------------------------------------------ held-out loss
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer)
     batches = make_batches(dataset, pad_id=tokenizer.pad_id, batch_size=cfg.batch_size, shuffle=False)
-    loss_fn = functools.partial(causal_lm_loss, chunk_size=cfg.loss_chunk_size)
+    # Compiled blocks get padded [b, s] batches: one graph with a dynamic length, where the
+    # padding-free layout (a new list of row lengths per batch) recompiles batch after batch.
+    loss_fn = functools.partial(causal_lm_loss, chunk_size=cfg.loss_chunk_size,
+                                padding_free=not cfg.compile)
     loss_sum, num_targets = 0.0, 0
     print(f"held-out loss over {len(dataset)} rows", flush=True)
     with torch.no_grad():
@@ -158,9 +167,10 @@ def main(cfg: Config) -> dict[str, Any]:
         replies: list[list[int]] = [[] for _ in prompts]
         for begin in range(0, len(order), cfg.generate_batch_size):
             chunk = order[begin:begin + cfg.generate_batch_size]
-            new = generate(model, [prompts[i] for i in chunk], max_new_tokens=cfg.max_new_tokens,
-                           stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-                           vocab_size=tokenizer.vocab_size)
+            with torch.compiler.set_stance("force_eager"):  # see `compile` in Config
+                new = generate(model, [prompts[i] for i in chunk], max_new_tokens=cfg.max_new_tokens,
+                               stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                               vocab_size=tokenizer.vocab_size)
             for i, ids in zip(chunk, new):
                 replies[i] = ids
         for row, ids in zip(rows, replies):

@@ -19,19 +19,24 @@ from tunewright.training.train_config import TrainConfig
 
 @dataclass(kw_only=True)
 class Config(TrainConfig):
-    pass
+    # Step each weight as soon as its gradient is ready and free that gradient: full gradients
+    # never exist at once. Needs gradient_accumulation_steps: 1 and clip_grad_norm: null.
+    optimizer_in_backward: bool = False
 
 
 def main(cfg: Config) -> list[dict]:
     from tunewright.models import save_pretrained
     from tunewright.training import distributed as dist
     from tunewright.training.instantiate import instantiate
+    from tunewright.training.optim_in_backward import OptimizerInBackward, check_optimizer_in_backward
     from tunewright.training.run_dir import prepare_output_dir
     from tunewright.training.setup import seed_everything, setup_device, training_dtype
     from tunewright.training.sft_setup import build_data, build_trainer
     from tunewright.training.transforms import apply_activation_checkpointing, compile_blocks
 
     # ------------------------------------------------------------------ set-up
+    if cfg.optimizer_in_backward:
+        check_optimizer_in_backward(cfg)
     seed_everything(cfg.seed)
     device = setup_device(cfg.device, cfg.num_threads)
     prepare_output_dir(cfg)
@@ -45,7 +50,11 @@ def main(cfg: Config) -> list[dict]:
 
     # ------------------------------------------------------------------ data + loop
     _, train, val = build_data(cfg)
-    trainer = build_trainer(cfg, model, train, val, device=device)
+    optimizer = None
+    if cfg.optimizer_in_backward:
+        optimizer = OptimizerInBackward(model.parameters(),
+                                        lambda params: instantiate(cfg.optimizer, params=params))
+    trainer = build_trainer(cfg, model, train, val, device=device, optimizer=optimizer)
     history = trainer.fit()
 
     # ------------------------------------------------------------------ export

@@ -35,6 +35,9 @@ class Config:
     device: str = "cpu"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     num_threads: int | None = None
+    # torch.compile each block: the prefill and the one-token decode step compile once each
+    # (positions do not recompile), which pays off for long generations.
+    compile: bool = False
 
 
 def main(cfg: Config) -> dict[str, Any]:
@@ -44,6 +47,7 @@ def main(cfg: Config) -> dict[str, Any]:
     )
     from tunewright.training.instantiate import instantiate
     from tunewright.training.setup import setup_device
+    from tunewright.training.transforms import compile_blocks
 
     # ------------------------------------------------------------------ set-up
     check_sampling(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
@@ -53,6 +57,8 @@ def main(cfg: Config) -> dict[str, Any]:
     model = instantiate(cfg.model, dtype=as_dtype(cfg.dtype), device=device)
     if cfg.adapter:
         merge_adapter(model, cfg.adapter)
+    if cfg.compile:
+        compile_blocks(model)
     tokenizer = instantiate(cfg.tokenizer)
 
     # ------------------------------------------------------------------ prompt

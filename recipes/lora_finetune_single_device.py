@@ -12,25 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 from tunewright.training.entry import recipe_main
-from tunewright.training.train_config import TrainConfig
+from tunewright.training.train_config import LoRAConfig, TrainConfig
 
 
 @dataclass(kw_only=True)
-class Config(TrainConfig):
-    lora_targets: list[str] | str = "all-linear"  # q, k, v, o, gate, up, down, output
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-    use_dora: bool = False
-    # gate/up/down of a mixture-of-experts layer: an adapter per expert, one shared, or none
-    lora_experts: Literal["per_expert", "shared"] | None = "per_expert"
-    quantize_base: bool = False  # QLoRA: frozen base weights of adapted layers in NF4
-    save_final_model: bool = False  # the merged model (HF format) in <output_dir>/merged
-    save_adapter: bool = True  # the PEFT adapter in <output_dir>/adapter
+class Config(TrainConfig, LoRAConfig):
+    pass
 
 
 def main(cfg: Config) -> list[dict]:

@@ -50,7 +50,7 @@ def test_epochs_differ_and_repeat_across_runs():
 def test_iterating_without_set_epoch_moves_to_the_next_epoch():
     sampler = ResumableSampler(30, seed=0)
     first, second = list(sampler), list(sampler)
-    assert first != second and sampler.state_dict() == {"epoch": 2, "index": 0}
+    assert first != second and sampler.state_dict().items() >= {"epoch": 2, "index": 0}.items()
 
 
 @pytest.mark.parametrize("group_by_length", [False, True])
@@ -72,7 +72,7 @@ def test_resume_mid_epoch_continues_the_uninterrupted_order(group_by_length, sto
     state = interrupted.state_dict()
     # after the last index of epoch 1 (31 per rank) the state already points at epoch 2
     expected = {"epoch": 2, "index": 0} if stop_after == 31 else {"epoch": 1, "index": stop_after}
-    assert state == expected
+    assert state.items() >= expected.items()
 
     resumed = make()
     resumed.load_state_dict(state)

@@ -21,6 +21,7 @@ from tunewright.training.atomic import atomic_dir
 WEIGHTS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.pt"
+SHARDED_DIR = "dcp"  # model + optimizer of a distributed run (training/dcp_checkpoint.py)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -101,6 +102,9 @@ def load_checkpoint(
     """Restore weights and optimizer in place; return the trainer state (RNG already set)."""
     from safetensors.torch import load_file
 
+    if (step_dir / SHARDED_DIR).is_dir():
+        raise ValueError(f"{step_dir} is a sharded checkpoint of a distributed run; resume it with "
+                         f"the distributed recipe (it also runs as a single process)")
     weights = load_file(str(step_dir / WEIGHTS_FILE))
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}

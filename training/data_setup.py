@@ -26,7 +26,8 @@ def make_batches(
         raise ValueError("group_by_length: this dataset does not expose item lengths (packed data "
                          "needs no grouping: every row has max_seq_len tokens)")
     sampler = ResumableSampler(
-        len(dataset), shuffle=shuffle, seed=seed, rank=dist.rank(), world_size=dist.world_size(),
+        len(dataset), shuffle=shuffle, seed=seed, rank=dist.data_rank(),
+        world_size=dist.data_world_size(),
         group_by_length=group_by_length, lengths=lengths, batch_size=batch_size,
     )
     return Batches(dataset, sampler, batch_size, functools.partial(collate_padded, pad_id=pad_id))

@@ -39,9 +39,12 @@ def build_trainer(
     export: Callable[[Path], None] | None = None,
     loss_fn: Callable | None = None,
     checkpointer: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Trainer:
-    """The shared loop with the config's optimizer (over trainable parameters) and schedule."""
-    optimizer = instantiate(cfg.optimizer, params=[p for p in model.parameters() if p.requires_grad])
+    """The shared loop with the config's optimizer (over trainable parameters) and schedule;
+    `optimizer` replaces the config's (e.g. `training/optim_in_backward.py`)."""
+    if optimizer is None:
+        optimizer = instantiate(cfg.optimizer, params=[p for p in model.parameters() if p.requires_grad])
     trainer = Trainer(
         LoopSettings.from_config(cfg),
         model=model,

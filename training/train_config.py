@@ -50,6 +50,8 @@ class TrainConfig(RunConfig):
 
     compile: bool = False
     enable_activation_checkpointing: bool = False
+    # Tensors saved for backward wait in pinned CPU memory (CUDA; a no-op on CPU): offload.py
+    enable_activation_offloading: bool = False
 
     log_every_n_steps: int = 1
     eval_every_n_steps: int | None = None
@@ -59,3 +61,20 @@ class TrainConfig(RunConfig):
     resume_from_checkpoint: bool | str = False  # false | true/auto (latest) | a step directory
     save_final_model: bool = True  # HF-format weights in <output_dir>/final
     progress_bar: bool = True
+
+
+@dataclass(kw_only=True)
+class LoRAConfig:
+    """The adapter keys of the LoRA recipes (single device and distributed)."""
+
+    lora_targets: list[str] | str = "all-linear"  # q, k, v, o, gate, up, down, output
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    # gate/up/down of a mixture-of-experts layer: an adapter per expert, one shared, or none
+    lora_experts: Literal["per_expert", "shared"] | None = "per_expert"
+    quantize_base: bool = False  # QLoRA: frozen base weights of adapted layers in NF4
+    save_final_model: bool = False  # the merged model (HF format) in <output_dir>/merged
+    save_adapter: bool = True  # the PEFT adapter in <output_dir>/adapter

@@ -21,6 +21,7 @@ from torch import nn
 from tunewright.training import distributed as dist
 from tunewright.training.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from tunewright.training.metrics import MetricsWriter, format_record, peak_rss_mb
+from tunewright.training.offload import activation_offloading
 from tunewright.training.progress import progress_bar
 
 Batch = dict[str, Any]
@@ -46,6 +47,7 @@ class LoopSettings:
     resume_from_checkpoint: bool | str = False
     progress_bar: bool = True
     padding_free: bool = True  # the loss computes real tokens only: what `num_tokens_total` counts
+    enable_activation_offloading: bool = False  # saved activations wait on the CPU (offload.py)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "LoopSettings":
@@ -196,7 +198,8 @@ class Trainer:
         denom = max(num_targets.item(), 1.0)
         loss_sum = 0.0
         for batch in micro_batches:
-            loss, _ = self.loss_fn(self.model, _to_device(batch, self.device))
+            with activation_offloading(self.s.enable_activation_offloading):
+                loss, _ = self.loss_fn(self.model, _to_device(batch, self.device))
             (loss / denom).backward()
             loss_sum += loss.detach().float().item()
         grad_norm = None
@@ -277,6 +280,8 @@ class Trainer:
                     t0 = time.perf_counter()
                 self.epoch += 1
                 self.step_in_epoch = 0
+            if hasattr(self.checkpointer, "wait"):
+                self.checkpointer.wait()  # an async checkpoint is complete before the run ends
         finally:
             bar.close()
             writer.close()

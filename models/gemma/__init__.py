@@ -5,6 +5,10 @@ What sets them apart, all `ModelArgs` fields: embeddings times sqrt(dim), `(1 + 
 `query_pre_attn_scalar`, tanh soft-caps on attention scores and logits, and sliding-window
 layers alternating with global ones; Gemma 3 drops the soft-caps (optional), adds q/k norms, a
 5 local : 1 global layer pattern and a separate RoPE base for local layers.
+
+Gemma-3 4B/12B/27B ship only as multimodal checkpoints (model_type `gemma3`); their text model
+is the same decoder, read from `text_config` and the `language_model.` tensors, the vision tower
+skipped, and saved back as a text-only `gemma3_text` checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 from typing import Any
 
 from tunewright.models.args import FULL, SLIDING, ModelArgs
-from tunewright.models.family import Family, rope_scaling, rope_theta
+from tunewright.models.family import Family, rope_scaling, rope_theta, shape_from_hf, shape_to_hf
 from tunewright.models.weight_map import WeightMap
 
 _ATTN_MLP = [
@@ -45,11 +49,19 @@ _SANDWICH = [
     ("model.layers.{}.post_feedforward_layernorm.weight", "layers.{}.post_mlp_norm.weight"),
 ]
 GEMMA2_WEIGHTS = WeightMap([*_ATTN_MLP, *_SANDWICH])
-GEMMA3_WEIGHTS = WeightMap([
-    *_ATTN_MLP, *_SANDWICH,
-    ("model.layers.{}.self_attn.q_norm.weight", "layers.{}.attn.q_norm.weight"),
-    ("model.layers.{}.self_attn.k_norm.weight", "layers.{}.attn.k_norm.weight"),
-])
+GEMMA3_WEIGHTS = WeightMap(
+    [
+        *_ATTN_MLP, *_SANDWICH,
+        ("model.layers.{}.self_attn.q_norm.weight", "layers.{}.attn.q_norm.weight"),
+        ("model.layers.{}.self_attn.k_norm.weight", "layers.{}.attn.k_norm.weight"),
+    ],
+    # Gemma3ForConditionalGeneration's text model: the Hub checkpoints (and transformers 5's
+    # save_pretrained, which reverts its renaming) store `language_model.model.*`; transformers'
+    # in-memory names, which a raw state-dict dump writes, are `model.language_model.*`.
+    aliases=[("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+             ("model.language_model.", "model.")],
+    skip=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."),
+)
 
 
 def _gemma(family: str, *, dim: int, **fields: Any) -> ModelArgs:
@@ -77,7 +89,7 @@ def _gemma3(*, dim: int, num_layers: int, **fields: Any) -> ModelArgs:
 
 
 # Published config.json values (google/gemma-2b, gemma-7b, gemma-2-2b, gemma-2-9b, gemma-3-1b-pt,
-# and the text_config of gemma-3-4b-pt).
+# and the text_config of gemma-3-4b-pt, gemma-3-12b-pt and gemma-3-27b-pt).
 GEMMA_SIZES = {
     "gemma_2b": _gemma("gemma", dim=2048, num_layers=18, num_heads=8, num_kv_heads=1,
                        intermediate_dim=16384),
@@ -94,6 +106,12 @@ GEMMA3_SIZES = {
     "gemma3_4b": _gemma3(dim=2560, num_layers=34, num_heads=8, num_kv_heads=4, intermediate_dim=10240,
                          vocab_size=262208, sliding_window=1024, max_seq_len=131072,
                          rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    "gemma3_12b": _gemma3(dim=3840, num_layers=48, num_heads=16, num_kv_heads=8, intermediate_dim=15360,
+                          vocab_size=262208, sliding_window=1024, max_seq_len=131072,
+                          rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    "gemma3_27b": _gemma3(dim=5376, num_layers=62, num_heads=32, num_kv_heads=16, intermediate_dim=21504,
+                          vocab_size=262208, sliding_window=1024, max_seq_len=131072, head_dim=128,
+                          rope_scaling={"rope_type": "linear", "factor": 8.0}).replace(attn_scale=168**-0.5),
 }
 
 
@@ -105,22 +123,11 @@ def _reject_bidirectional(c: dict[str, Any]) -> None:
 
 def _common(c: dict[str, Any], family: str) -> dict[str, Any]:
     _reject_bidirectional(c)
-    dim = c["hidden_size"]
     return dict(
-        family=family,
-        vocab_size=c["vocab_size"],
-        dim=dim,
-        num_layers=c["num_hidden_layers"],
-        num_heads=c["num_attention_heads"],
-        num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-        intermediate_dim=c["intermediate_size"],
-        head_dim=c.get("head_dim") or 256,
-        norm_eps=c.get("rms_norm_eps", 1e-6),
-        max_seq_len=c.get("max_position_embeddings", 8192),
-        tie_embeddings=bool(c.get("tie_word_embeddings", True)),
+        **shape_from_hf(c, family, head_dim=256, max_seq_len=8192, tie_embeddings=True),
         attn_bias=bool(c.get("attention_bias", False)),
         norm_offset=1.0,
-        embed_scale=math.sqrt(dim),
+        embed_scale=math.sqrt(c["hidden_size"]),
     )
 
 
@@ -174,12 +181,28 @@ def _gemma3_rope(c: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float
     return base, (full if kind != "default" else None), float(local.get("rope_theta", 1e4))
 
 
+GEMMA3_MULTIMODAL = ("gemma3",)  # Gemma3ForConditionalGeneration
+# Gemma3TextConfig's defaults, which a sparse config.json relies on: the released multimodal
+# configs' `text_config` lists only what differs (gemma-3-4b: sizes, layers, window, RoPE scaling).
+_GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
+    rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096, tie_word_embeddings=True,
+)
+
+
+def gemma3_text_config(c: dict[str, Any]) -> dict[str, Any]:
+    """The text model's config with defaults filled: `c` itself, or a multimodal config's
+    `text_config`."""
+    if c.get("model_type") not in GEMMA3_MULTIMODAL:
+        return {**_GEMMA3_TEXT_DEFAULTS, **c}
+    text = c.get("text_config") or {}
+    # Gemma3ForConditionalGeneration ties its head by the top-level flag, not text_config's.
+    return {**_GEMMA3_TEXT_DEFAULTS, **text, "tie_word_embeddings": c.get("tie_word_embeddings", True)}
+
+
 def gemma3_args_from_hf(c: dict[str, Any]) -> ModelArgs:
-    if c.get("model_type") == "gemma3":
-        raise ValueError(
-            "config.json: model_type 'gemma3' is the multimodal Gemma-3 (Gemma3ForConditionalGeneration); "
-            "loading only its text model is not supported yet, use a text-only 'gemma3_text' checkpoint "
-            "(e.g. google/gemma-3-1b-it)")
+    c = gemma3_text_config(c)
     base, scaling, local_base = _gemma3_rope(c)
     pattern = c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6
     return ModelArgs(
@@ -198,21 +221,7 @@ def _query_pre_attn_scalar(a: ModelArgs) -> int | float:
 
 
 def _hf_common(a: ModelArgs, architecture: str, model_type: str) -> dict[str, Any]:
-    return {
-        "architectures": [architecture],
-        "model_type": model_type,
-        "vocab_size": a.vocab_size,
-        "hidden_size": a.dim,
-        "num_hidden_layers": a.num_layers,
-        "num_attention_heads": a.num_heads,
-        "num_key_value_heads": a.num_kv_heads,
-        "intermediate_size": a.intermediate_dim,
-        "head_dim": a.resolved_head_dim,
-        "rms_norm_eps": a.norm_eps,
-        "max_position_embeddings": a.max_seq_len,
-        "tie_word_embeddings": a.tie_embeddings,
-        "attention_bias": a.attn_bias,
-    }
+    return {**shape_to_hf(a, model_type, architecture), "attention_bias": a.attn_bias}
 
 
 def gemma_hf_config(a: ModelArgs) -> dict[str, Any]:
@@ -276,6 +285,7 @@ GEMMA3 = Family(
     weight_map=GEMMA3_WEIGHTS,
     args_from_hf=gemma3_args_from_hf,
     hf_config=gemma3_hf_config,
+    multimodal_types=GEMMA3_MULTIMODAL,
     # Two sliding layers then a global one with linear RoPE scaling, as in Gemma-3 4B.
     tiny=_gemma3(**_TINY, num_layers=3, num_kv_heads=2).replace(
         sliding_window=16, layer_types=alternating(3, 3),

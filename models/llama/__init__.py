@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunewright.models.args import ModelArgs
-from tunewright.models.family import Family, rope_scaling, rope_theta
+from tunewright.models.family import Family, rope_scaling, rope_theta, shape_from_hf, shape_to_hf
 from tunewright.models.weight_map import WeightMap
 
 _LLAMA3_1_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -63,19 +63,9 @@ WEIGHTS = WeightMap([
 
 def args_from_hf(c: dict[str, Any]) -> ModelArgs:
     return ModelArgs(
-        family="llama",
-        vocab_size=c["vocab_size"],
-        dim=c["hidden_size"],
-        num_layers=c["num_hidden_layers"],
-        num_heads=c["num_attention_heads"],
-        num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-        intermediate_dim=c["intermediate_size"],
-        head_dim=c.get("head_dim"),
-        norm_eps=c.get("rms_norm_eps", 1e-6),
+        **shape_from_hf(c, "llama"),
         rope_base=rope_theta(c),
         rope_scaling=rope_scaling(c),
-        max_seq_len=c.get("max_position_embeddings", 4096),
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         attn_bias=bool(c.get("attention_bias", False)),
         mlp_bias=bool(c.get("mlp_bias", False)),
     )
@@ -83,21 +73,10 @@ def args_from_hf(c: dict[str, Any]) -> ModelArgs:
 
 def hf_config(a: ModelArgs) -> dict[str, Any]:
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": a.vocab_size,
-        "hidden_size": a.dim,
-        "num_hidden_layers": a.num_layers,
-        "num_attention_heads": a.num_heads,
-        "num_key_value_heads": a.num_kv_heads,
-        "intermediate_size": a.intermediate_dim,
-        "head_dim": a.resolved_head_dim,
+        **shape_to_hf(a, "llama", "LlamaForCausalLM"),
         "hidden_act": "silu",
-        "rms_norm_eps": a.norm_eps,
         "rope_theta": a.rope_base,
         "rope_scaling": a.rope_scaling,
-        "max_position_embeddings": a.max_seq_len,
-        "tie_word_embeddings": a.tie_embeddings,
         "attention_bias": a.attn_bias,
         "mlp_bias": a.mlp_bias,
     }

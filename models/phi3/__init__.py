@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunewright.models.args import ModelArgs
-from tunewright.models.family import Family, rope_scaling, rope_theta
+from tunewright.models.family import Family, rope_scaling, rope_theta, shape_from_hf, shape_to_hf
 from tunewright.models.weight_map import WeightMap
 
 # LongRoPE factors (one per rotary frequency) from the published config.json files.
@@ -125,21 +125,11 @@ def args_from_hf(c: dict[str, Any]) -> ModelArgs:
     if c.get("attention_bias") or c.get("mlp_bias"):
         raise ValueError("config.json: phi3 checkpoints have no biases; this one sets attention_bias/mlp_bias")
     return ModelArgs(
-        family="phi3",
-        vocab_size=c["vocab_size"],
-        dim=c["hidden_size"],
-        num_layers=c["num_hidden_layers"],
-        num_heads=c["num_attention_heads"],
-        num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-        intermediate_dim=c["intermediate_size"],
-        head_dim=c.get("head_dim"),
-        norm_eps=c.get("rms_norm_eps", 1e-5),
+        **shape_from_hf(c, "phi3", norm_eps=1e-5),
         rope_base=rope_theta(c),
         rope_scaling=_longrope_from_hf(c),
         rotary_dim=int(head_dim * factor) if factor != 1.0 else None,
-        max_seq_len=c.get("max_position_embeddings", 4096),
         sliding_window=c.get("sliding_window") or None,
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
     )
 
 
@@ -150,25 +140,15 @@ def hf_config(a: ModelArgs) -> dict[str, Any]:
     scaling = a.rope_scaling
     hd = a.resolved_head_dim
     return {
-        "architectures": ["Phi3ForCausalLM"],
-        "model_type": "phi3",
-        "vocab_size": a.vocab_size,
-        "hidden_size": a.dim,
-        "num_hidden_layers": a.num_layers,
-        "num_attention_heads": a.num_heads,
-        "num_key_value_heads": a.num_kv_heads,
-        "intermediate_size": a.intermediate_dim,
+        **shape_to_hf(a, "phi3", "Phi3ForCausalLM"),
         "hidden_act": "silu",
-        "rms_norm_eps": a.norm_eps,
         "rope_theta": a.rope_base,
         "rope_scaling": scaling,
         "partial_rotary_factor": (a.rotary_dim or hd) / hd,
-        "max_position_embeddings": a.max_seq_len,
         # transformers takes this over rope_scaling's own (and defaults it to 4096)
         "original_max_position_embeddings": (scaling or {}).get("original_max_position_embeddings",
                                                                  a.max_seq_len),
         "sliding_window": a.sliding_window,
-        "tie_word_embeddings": a.tie_embeddings,
         # Phi3Config's defaults (pad 32000) index past a small vocabulary; ids live with the tokenizer.
         "pad_token_id": None,
         "bos_token_id": None,

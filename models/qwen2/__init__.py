@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunewright.models.args import FULL, SLIDING, ModelArgs
-from tunewright.models.family import Family, rope_scaling, rope_theta
+from tunewright.models.family import Family, rope_scaling, rope_theta, shape_from_hf, shape_to_hf
 from tunewright.models.llama import WEIGHTS as LLAMA_WEIGHTS
 
 # Qwen2.5 Instruct checkpoints (Qwen/Qwen2.5-*-Instruct); 0.5B-3B tie the head to the embeddings.
@@ -56,46 +56,16 @@ def sliding_to_hf(a: ModelArgs) -> dict[str, Any]:
 
 def common_args_from_hf(c: dict[str, Any], family: str) -> ModelArgs:
     """The fields Qwen2 and Qwen3 configs share (defaults: transformers' Qwen2Config/Qwen3Config)."""
-    return ModelArgs(
-        family=family,
-        vocab_size=c["vocab_size"],
-        dim=c["hidden_size"],
-        num_layers=c["num_hidden_layers"],
-        num_heads=c["num_attention_heads"],
-        num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-        intermediate_dim=c["intermediate_size"],
-        head_dim=c.get("head_dim"),
-        norm_eps=c.get("rms_norm_eps", 1e-6),
-        rope_base=rope_theta(c),
-        rope_scaling=rope_scaling(c),
-        max_seq_len=c.get("max_position_embeddings", 32768),
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        **sliding_from_hf(c),
-    )
+    return ModelArgs(**shape_from_hf(c, family, max_seq_len=32768), rope_base=rope_theta(c),
+                     rope_scaling=rope_scaling(c), **sliding_from_hf(c))
 
 
 def common_hf_config(a: ModelArgs, model_type: str, architecture: str) -> dict[str, Any]:
     if a.activation != "silu" or a.mlp_bias:
         raise ValueError(f"{model_type} checkpoints have a bias-free SwiGLU MLP; this model has "
                          f"activation={a.activation}, mlp_bias={a.mlp_bias}")
-    return {
-        "architectures": [architecture],
-        "model_type": model_type,
-        "vocab_size": a.vocab_size,
-        "hidden_size": a.dim,
-        "num_hidden_layers": a.num_layers,
-        "num_attention_heads": a.num_heads,
-        "num_key_value_heads": a.num_kv_heads,
-        "intermediate_size": a.intermediate_dim,
-        "head_dim": a.resolved_head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": a.norm_eps,
-        "rope_theta": a.rope_base,
-        "rope_scaling": a.rope_scaling,
-        "max_position_embeddings": a.max_seq_len,
-        "tie_word_embeddings": a.tie_embeddings,
-        **sliding_to_hf(a),
-    }
+    return {**shape_to_hf(a, model_type, architecture), "hidden_act": "silu",
+            "rope_theta": a.rope_base, "rope_scaling": a.rope_scaling, **sliding_to_hf(a)}
 
 
 def args_from_hf(c: dict[str, Any]) -> ModelArgs:
