@@ -31,10 +31,9 @@ def main(cfg: Config) -> list[dict]:
 
     import torch
 
-    from tunewright.models.peft_adapter import adapter_groups
-    from tunewright.modules.peft.apply import apply_lora, expert_lora_modules
     from tunewright.modules.peft.qlora import quantize_base_nf4
     from tunewright.training import distributed as dist
+    from tunewright.training.lora_setup import adapt_model
     from tunewright.training.parallel import (build_mesh, build_meta_model, check_nf4_shardable,
                                               close_distributed, init_distributed, materialize,
                                               parallelize, sharded_checkpointer)
@@ -58,16 +57,7 @@ def main(cfg: Config) -> list[dict]:
         model, model_dir = build_meta_model(cfg.model, dtype)
         base_path = cfg.model["path"]
         lora_rng = torch.get_rng_state()  # the adapters' initial values are drawn from here
-        adapted = apply_lora(model, targets=cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                             dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-                             experts=cfg.lora_experts)
-        # PEFT's format has no place yet for LoRA on stacked experts (see the single-device recipe).
-        peft_ok = next(expert_lora_modules(model), None) is None
-        if not peft_ok and cfg.save_adapter and dist.is_main():
-            print("save_adapter: no PEFT adapter is written, PEFT's format cannot hold LoRA on "
-                  "mixture-of-experts experts yet; save_final_model=true writes the merged model")
-        if peft_ok:
-            adapter_groups(model)  # fails now, not at the first save, if targets split a fused layer
+        adapted, peft_ok = adapt_model(model, cfg)
         skeleton = copy.deepcopy(model)  # unsharded, on meta: names, shapes and merging for export
         if cfg.quantize_base:
             quantize_base_nf4(model)

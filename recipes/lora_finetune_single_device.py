@@ -24,11 +24,12 @@ class Config(TrainConfig, LoRAConfig):
 
 def main(cfg: Config) -> list[dict]:
     from tunewright.models import save_pretrained
-    from tunewright.models.peft_adapter import adapter_groups, save_peft_adapter, write_peft_adapter
-    from tunewright.modules.peft.apply import apply_lora, expert_lora_modules, merge_lora
+    from tunewright.models.peft_adapter import save_peft_adapter, write_peft_adapter
+    from tunewright.modules.peft.apply import merge_lora
     from tunewright.modules.peft.qlora import quantize_base_nf4
     from tunewright.training import distributed as dist
     from tunewright.training.instantiate import instantiate
+    from tunewright.training.lora_setup import adapt_model
     from tunewright.training.run_dir import prepare_output_dir
     from tunewright.training.setup import seed_everything, setup_device, training_dtype
     from tunewright.training.sft_setup import build_data, build_trainer
@@ -42,17 +43,7 @@ def main(cfg: Config) -> list[dict]:
 
     # ------------------------------------------------------------------ model + adapters
     model = instantiate(cfg.model, dtype=training_dtype(cfg.dtype, device), device=device)
-    adapted = apply_lora(model, targets=cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                         dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-                         experts=cfg.lora_experts)
-    # PEFT's format has no place yet for LoRA on stacked experts: checkpoints still hold it
-    # (resume works) and save_final_model writes the merged model.
-    peft_ok = next(expert_lora_modules(model), None) is None
-    if not peft_ok and cfg.save_adapter and dist.is_main():
-        print("save_adapter: no PEFT adapter is written, PEFT's format cannot hold LoRA on "
-              "mixture-of-experts experts yet; save_final_model=true writes the merged model")
-    if peft_ok:
-        adapter_groups(model)  # fails now, not at the first save, if targets split a fused layer
+    adapted, peft_ok = adapt_model(model, cfg)
     if cfg.quantize_base:
         quantize_base_nf4(model)
     if cfg.enable_activation_checkpointing:
