@@ -103,55 +103,72 @@ def load_pretrained(
     return model
 
 
+def iter_model_tensors(
+    model_dir: Path, family: Family, shapes: dict[str, torch.Size], *, dtype: torch.dtype,
+    tie_embeddings: bool,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our name, full tensor in `dtype`) for each of our parameters in `shapes`, one at a time,
+    from the checkpoint in `model_dir`, through the family's weight map (renames, fused parts,
+    stacked experts). Every mismatch (unknown tensor, wrong shape, missing or doubled weight)
+    is one line naming the file and the tensor. A single process collects them all
+    (`load_hf_weights`); a sharded model keeps a slice of each (`training/sharded_io.py`)."""
+    weights = family.weight_map
+    seen: set[str] = set()
+    stacks: dict[str, tuple[torch.Tensor, set[int]]] = {}  # stacked experts being filled
+    for path, hf_name, tensor in iter_hf_tensors(model_dir, weights.skips):
+        place = weights.place(hf_name)
+        if place is None or any(n not in shapes for n in place.ours):
+            if weights.canonical(hf_name) == "lm_head.weight" and tie_embeddings:
+                continue  # some tied checkpoints also store the shared head
+            raise ValueError(f"{path}: tensor '{hf_name}' has no place in a {family.name} model "
+                             f"of this config (wrong family or config.json?)")
+        parts = [tuple(shapes[n]) for n in place.ours]
+        if place.expert is not None:
+            want = parts[0][1:]
+        elif place.fused:
+            want = (sum(s[0] for s in parts), *parts[0][1:])
+        else:
+            want = parts[0]
+        if tuple(tensor.shape) != want or (place.expert is not None and place.expert >= parts[0][0]):
+            got = f"shape {tuple(tensor.shape)}" if tuple(tensor.shape) != want else f"expert {place.expert}"
+            raise ValueError(f"{path}: tensor '{hf_name}' has {got}, config.json implies {want}"
+                             + (f" x {parts[0][0]} experts" if place.expert is not None else ""))
+        if place.expert is None and place.ours[0] in seen:
+            raise ValueError(f"{path}: tensor '{hf_name}' is stored twice in {model_dir}")
+        tensor = tensor.to(dtype)
+        if place.expert is not None:
+            name = place.ours[0]
+            stack, filled = stacks.setdefault(name, (torch.empty(parts[0], dtype=dtype), set()))
+            stack[place.expert] = tensor
+            filled.add(place.expert)
+            if len(filled) == parts[0][0]:
+                seen.add(name)
+                yield name, stacks.pop(name)[0]
+        elif place.fused:
+            for name, part in zip(place.ours, tensor.split([s[0] for s in parts])):
+                seen.add(name)
+                yield name, part
+        else:
+            seen.add(place.ours[0])
+            yield place.ours[0], tensor
+    for name, (stack, filled) in stacks.items():
+        lacking = min(set(range(stack.shape[0])) - filled)
+        hf_name = weights.describe(name).replace("*", str(lacking))
+        raise ValueError(f"{model_dir}: checkpoint lacks '{hf_name}' (it stores {len(filled)} "
+                         f"experts, config.json declares {stack.shape[0]})")
+    missing = sorted(set(shapes) - seen)
+    if missing:
+        raise ValueError(f"{model_dir}: checkpoint lacks '{weights.describe(missing[0])}' "
+                         f"({len(missing)} tensors missing)")
+
+
 def load_hf_weights(
     model: nn.Module, model_dir: Path, family: Family, *, dtype: torch.dtype,
     device: str | torch.device,
 ) -> None:
-    expected = dict(model.state_dict(keep_vars=True))
-    loaded: dict[str, torch.Tensor] = {}
-    stacks: dict[str, tuple[torch.Tensor, set[int]]] = {}  # stacked experts being filled
-    for path, hf_name, tensor in iter_hf_tensors(model_dir, family.weight_map.skips):
-        place = family.weight_map.place(hf_name)
-        if place is None or any(n not in expected for n in place.ours):
-            if family.weight_map.canonical(hf_name) == "lm_head.weight" and model.args.tie_embeddings:
-                continue  # some tied checkpoints also store the shared head
-            raise ValueError(f"{path}: tensor '{hf_name}' has no place in a {family.name} model "
-                             f"of this config (wrong family or config.json?)")
-        shapes = [tuple(expected[n].shape) for n in place.ours]
-        if place.expert is not None:
-            (name,), (shape,) = place.ours, shapes
-            want = shape[1:]
-        elif place.fused:
-            want = (sum(s[0] for s in shapes), *shapes[0][1:])
-        else:
-            want = shapes[0]
-        if tuple(tensor.shape) != want or (place.expert is not None and place.expert >= shape[0]):
-            got = f"shape {tuple(tensor.shape)}" if tuple(tensor.shape) != want else f"expert {place.expert}"
-            raise ValueError(f"{path}: tensor '{hf_name}' has {got}, config.json implies {want}"
-                             + (f" x {shape[0]} experts" if place.expert is not None else ""))
-        if place.expert is None and place.ours[0] in loaded:  # e.g. under two alias prefixes
-            raise ValueError(f"{path}: tensor '{hf_name}' is stored twice in {model_dir}")
-        tensor = tensor.to(device=device, dtype=dtype)
-        if place.expert is not None:
-            stack, filled = stacks.setdefault(name, (torch.empty(shape, dtype=dtype, device=device), set()))
-            stack[place.expert] = tensor
-            filled.add(place.expert)
-            if len(filled) == shape[0]:
-                loaded[name] = stack
-        elif place.fused:
-            loaded.update(zip(place.ours, tensor.split([s[0] for s in shapes])))
-        else:
-            loaded[place.ours[0]] = tensor
-    for name, (stack, filled) in stacks.items():
-        if len(filled) < stack.shape[0]:  # fewer experts stored than config.json declares
-            lacking = min(set(range(stack.shape[0])) - filled)
-            hf_name = family.weight_map.describe(name).replace("*", str(lacking))
-            raise ValueError(f"{model_dir}: checkpoint lacks '{hf_name}' (it stores {len(filled)} "
-                             f"experts, config.json declares {stack.shape[0]})")
-    missing = sorted(set(expected) - set(loaded))
-    if missing:
-        raise ValueError(f"{model_dir}: checkpoint lacks '{family.weight_map.describe(missing[0])}' "
-                         f"({len(missing)} tensors missing)")
+    shapes = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}
+    loaded = {name: t.to(device) for name, t in iter_model_tensors(
+        model_dir, family, shapes, dtype=dtype, tie_embeddings=model.args.tie_embeddings)}
     model.load_state_dict(loaded, assign=True, strict=True)
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tunewright.models.family import Family
+from tunewright.models.pretrained import iter_model_tensors
 from tunewright.modules.moe import Experts
 from tunewright.modules.peft.apply import expert_lora_modules, lora_modules
 from tunewright.modules.peft.expert_lora import LoRAExperts
@@ -38,64 +39,6 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------- loading
-def iter_checkpoint_tensors(
-    model_dir: Path, family: Family, shapes: dict[str, torch.Size], *, dtype: torch.dtype,
-    tie_embeddings: bool,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(our name, full tensor) for each of our parameters in `shapes`, one at a time, from the
-    checkpoint in `model_dir`; the same checks and messages as `load_hf_weights`."""
-    from tunewright.models.pretrained import iter_hf_tensors
-
-    weights = family.weight_map
-    seen: set[str] = set()
-    stacks: dict[str, tuple[torch.Tensor, set[int]]] = {}  # stacked experts being filled
-    for path, hf_name, tensor in iter_hf_tensors(model_dir, weights.skips):
-        place = weights.place(hf_name)
-        if place is None or any(n not in shapes for n in place.ours):
-            if weights.canonical(hf_name) == "lm_head.weight" and tie_embeddings:
-                continue  # some tied checkpoints also store the shared head
-            raise ValueError(f"{path}: tensor '{hf_name}' has no place in a {family.name} model "
-                             f"of this config (wrong family or config.json?)")
-        parts = [tuple(shapes[n]) for n in place.ours]
-        if place.expert is not None:
-            want = parts[0][1:]
-        elif place.fused:
-            want = (sum(s[0] for s in parts), *parts[0][1:])
-        else:
-            want = parts[0]
-        if tuple(tensor.shape) != want or (place.expert is not None and place.expert >= parts[0][0]):
-            got = f"shape {tuple(tensor.shape)}" if tuple(tensor.shape) != want else f"expert {place.expert}"
-            raise ValueError(f"{path}: tensor '{hf_name}' has {got}, config.json implies {want}"
-                             + (f" x {parts[0][0]} experts" if place.expert is not None else ""))
-        if place.expert is None and place.ours[0] in seen:
-            raise ValueError(f"{path}: tensor '{hf_name}' is stored twice in {model_dir}")
-        tensor = tensor.to(dtype)
-        if place.expert is not None:
-            name = place.ours[0]
-            stack, filled = stacks.setdefault(name, (torch.empty(parts[0], dtype=dtype), set()))
-            stack[place.expert] = tensor
-            filled.add(place.expert)
-            if len(filled) == parts[0][0]:
-                seen.add(name)
-                yield name, stacks.pop(name)[0]
-        elif place.fused:
-            for name, part in zip(place.ours, tensor.split([s[0] for s in parts])):
-                seen.add(name)
-                yield name, part
-        else:
-            seen.add(place.ours[0])
-            yield place.ours[0], tensor
-    for name, (stack, filled) in stacks.items():
-        lacking = min(set(range(stack.shape[0])) - filled)
-        hf_name = weights.describe(name).replace("*", str(lacking))
-        raise ValueError(f"{model_dir}: checkpoint lacks '{hf_name}' (it stores {len(filled)} "
-                         f"experts, config.json declares {stack.shape[0]})")
-    missing = sorted(set(shapes) - seen)
-    if missing:
-        raise ValueError(f"{model_dir}: checkpoint lacks '{weights.describe(missing[0])}' "
-                         f"({len(missing)} tensors missing)")
-
-
 @torch.no_grad()
 def load_full_into(model: nn.Module, name: str, full: torch.Tensor) -> None:
     """Put this rank's slice of the full tensor `full` into the (sharded) parameter `name`."""
@@ -147,7 +90,7 @@ def load_hf_sharded(model: nn.Module, model_dir: Path, *, dtype: torch.dtype) ->
     adapters = adapter_param_names(model)
     shapes = {n: p.shape for n, p in params.items() if n not in adapters}
     dora = {f"{path}.weight": f"{path}.magnitude" for path, m in lora_modules(model) if m.magnitude is not None}
-    for name, full in iter_checkpoint_tensors(model_dir, family, shapes, dtype=dtype,
+    for name, full in iter_model_tensors(model_dir, family, shapes, dtype=dtype,
                                               tie_embeddings=model.args.tie_embeddings):
         if name in dora:
             magnitude = dora[name]
