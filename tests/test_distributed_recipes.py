@@ -311,3 +311,20 @@ def test_qlora_layer_that_cannot_be_sharded_is_named():
         check_nf4_shardable(model, {"dp": Dim(2), "tp": Dim(1)})
     with pytest.raises(ValueError, match="tensor_parallel_dim > 1 is not supported"):
         check_nf4_shardable(model, {"dp": Dim(1), "tp": Dim(2)})
+
+
+@pytest.mark.slow
+def test_tune_run_with_torchrun_flags_runs_the_distributed_recipe(tmp_path, single_lora):
+    """The README's command, through the `tune` console script: flags before RECIPE go to
+    torchrun, the shipped config is found by name, and the 2 workers train like one device."""
+    tune = Path(sys.executable).parent / "tune"
+    out = tmp_path / "run"
+    cmd = [str(tune), "run", "--nproc_per_node", "2", "--nnodes", "1", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", "127.0.0.1:0", "lora_finetune_distributed",
+           "--config", "llama/tiny_lora_distributed", f"output_dir={out}", "batch_size=2", *COMMON,
+           *NO_SAVES]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_losses(out, single_lora)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
