@@ -107,3 +107,33 @@ def test_real_size_rope_equals_transformers(size):
         half = cos.shape[-1]
         torch.testing.assert_close(cos, want_cos[..., :half], rtol=0, atol=1e-5)
         torch.testing.assert_close(sin, want_sin[..., :half], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", LONGROPE)
+def test_generation_across_the_original_context_equals_transformers(tmp_path, name):
+    """Greedy KV-cache decoding that starts under the original context and ends past it: at
+    every step our logits equal transformers' full forward over the sequence so far (which
+    rotates every position with the long factors once the sequence outgrows the original
+    context, so cached keys must be recomputed then, as transformers' `generate` does), and the
+    tokens equal transformers' `generate`."""
+    from tunewright.training.generation import _decode_group
+
+    hf_model, hf_dir = _hf(tmp_path, name)
+    ours = load_pretrained(hf_dir).eval()
+    prompt = random_tokens(1, ORIGINAL - 12, seed=3)
+    new = 30  # the sequence passes ORIGINAL positions at step 12
+    seen: list[torch.Tensor] = []
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        seen.append(logits)
+        return logits.argmax(-1)
+
+    with torch.no_grad():
+        got = _decode_group(ours, prompt, [0], max_new_tokens=new, stops=frozenset(), pad_id=0,
+                            on_token=None, pick=pick)[0]
+        seq = torch.cat([prompt, torch.tensor([got])], dim=1)
+        for step, logits in enumerate(seen):
+            full = hf_model(seq[:, : prompt.shape[1] + step]).logits[:, -1]
+            assert (logits - full).abs().max().item() <= TOLERANCE, f"step {step}"
+        want = hf_model.generate(prompt, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+    assert got == want[0, prompt.shape[1]:].tolist()

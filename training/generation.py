@@ -155,6 +155,8 @@ def _decode_group(
 ) -> list[list[int]]:
     g, s = tokens.shape
     model.setup_caches(g, s + max_new_tokens)
+    switch = _rope_switch(model)
+    seq = tokens  # everything so far: a LongRoPE model re-runs it once (see `_rope_switch`)
     # Prefill: the head runs on the last position only; full prompt logits [g, s, vocab] would
     # cost s times the memory for nothing.
     hidden = model(tokens, cache_pos=0, hidden_only=True)
@@ -174,8 +176,26 @@ def _decode_group(
             break
         if any(done):
             next_ids = next_ids.masked_fill(torch.tensor(done, device=next_ids.device), pad_id)
-        logits = model(next_ids[:, None], cache_pos=s + step)[:, -1]
+        pos = s + step
+        if switch is not None:
+            seq = torch.cat([seq, next_ids[:, None]], dim=1)
+        if switch is not None and pos == switch and s <= switch:
+            # The sequence just outgrew the original context: every cached key was rotated with
+            # the short factors, and from here on all positions use the long ones. Recompute
+            # the cache from the whole sequence, as transformers' Phi-3 does at this step.
+            logits = model.head(model(seq, cache_pos=0, hidden_only=True)[:, -1])
+        else:
+            logits = model(next_ids[:, None], cache_pos=pos)[:, -1]
     return out
+
+
+def _rope_switch(model: nn.Module) -> int | None:
+    """The length past which a LongRoPE model rotates every position differently (its original
+    context), or None: then cached keys stay valid for the whole generation."""
+    rope = getattr(model, "rope", None)
+    if getattr(rope, "rope_type", None) != "longrope":
+        return None
+    return int(rope.scaling["original_max_position_embeddings"])
 
 
 class TokenStream:
