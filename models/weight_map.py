@@ -94,11 +94,6 @@ class WeightMap:
                 return Placement((_fill(template, layer),), expert=int(expert))
         return None
 
-    def to_ours(self, hf_name: str) -> str | None:
-        """Our parameter name for an HF tensor that is renamed one to one, else None."""
-        p = self.place(hf_name)
-        return p.ours[0] if p is not None and not p.fused and p.expert is None else None
-
     def to_hf(self, our_name: str) -> str | None:
         """The HF name of one of our parameters that is renamed one to one, else None."""
         for pattern, template in self._to_hf:
@@ -119,10 +114,8 @@ class WeightMap:
         """The HF name(s) holding `our_name`, for messages."""
         if hf := self.to_hf(our_name):
             return hf
-        for hf, ours in self.fused:
-            for t in ours:
-                if m := _compile(t).match(our_name):
-                    return _fill(hf, *m.groups())
+        if group := self.fused_group(our_name):
+            return group[0]
         for hf, ours in self.experts:
             if m := _compile(ours).match(our_name):
                 return _fill(hf, *m.groups(), "*")

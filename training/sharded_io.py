@@ -154,14 +154,19 @@ def _filled(skeleton: nn.Module, path: str, params: dict[str, torch.Tensor]) -> 
     return module
 
 
-def _full_value(model_params: dict[str, torch.Tensor], skeleton: nn.Module, name: str, merge: bool) -> torch.Tensor:
-    """Our parameter `name` of the exported model, whole: merged with its adapter if `merge`."""
+def _full_value(model_params: dict[str, torch.Tensor], skeleton: nn.Module, name: str, merge: bool,
+                merged_experts: dict[str, nn.Module]) -> torch.Tensor:
+    """Our parameter `name` of the exported model, whole: merged with its adapter if `merge`.
+    `merged_experts` keeps a merged expert block per path, so its three stacked projections
+    are gathered and merged once, not once each."""
     path, _, leaf = name.rpartition(".")
     owner = skeleton.get_submodule(path) if path else skeleton
     if merge and isinstance(owner, LoRALinear) and leaf == "weight":
         return _filled(skeleton, path, model_params).merged_weight()
     if merge and isinstance(owner, LoRAExperts) and hasattr(owner, leaf):
-        return getattr(_filled(skeleton, path, model_params).merged(torch.float32), leaf).detach()
+        if path not in merged_experts:
+            merged_experts[path] = _filled(skeleton, path, model_params).merged(torch.float32)
+        return getattr(merged_experts[path], leaf).detach()
     return full_tensor(model_params[name])
 
 
@@ -185,7 +190,9 @@ def save_pretrained_sharded(
     def files() -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         for fname, hf_names in plan.items():
             ours = list(dict.fromkeys(n for hf in hf_names for n in family.weight_map.place(hf).ours))
-            full = {n: _full_value(model_params, skeleton, n, merge).to(dtype or base_dtype) for n in ours}
+            merged_experts: dict[str, nn.Module] = {}  # per file: held only while it is written
+            full = {n: _full_value(model_params, skeleton, n, merge, merged_experts).to(dtype or base_dtype)
+                    for n in ours}
             hf = family.weight_map.hf_tensors(full)
             yield fname, {n: hf[n].contiguous() for n in hf_names}
 

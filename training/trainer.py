@@ -123,6 +123,9 @@ class LocalCheckpointer:
     def load(self, step_dir: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return load_checkpoint(step_dir, model=model, optimizer=optimizer)
 
+    def wait(self) -> None:
+        """Saves are synchronous: nothing is ever pending."""
+
 
 class Trainer:
     def __init__(
@@ -158,7 +161,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.metric_sink = metric_sink
         # How step checkpoints are written and read: the single-device files by default; a
-        # distributed recipe passes a sharded one (same two methods, see `LocalCheckpointer`).
+        # distributed recipe passes a sharded one (same methods, see `LocalCheckpointer`).
         self.checkpointer = checkpointer or LocalCheckpointer()
 
     # ---------------------------------------------------------------- resume
@@ -280,8 +283,7 @@ class Trainer:
                     t0 = time.perf_counter()
                 self.epoch += 1
                 self.step_in_epoch = 0
-            if hasattr(self.checkpointer, "wait"):
-                self.checkpointer.wait()  # an async checkpoint is complete before the run ends
+            self.checkpointer.wait()  # an async checkpoint is complete before the run ends
         finally:
             bar.close()
             writer.close()

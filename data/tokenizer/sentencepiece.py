@@ -16,7 +16,7 @@ space goes is `prefix`:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 from tunewright.data.tokenizer import chat
 from tunewright.data.tokenizer.added import STRIPPED, AddedTokens
@@ -184,45 +184,34 @@ def _without_dummy_prefix(model_proto: bytes) -> bytes:
     Edited on the wire (no protobuf dependency): ModelProto field 3 is the NormalizerSpec, whose
     field 3 is add_dummy_prefix; every other byte is kept.
     """
-    out, pos = bytearray(), 0
-    while pos < len(model_proto):
-        field_start = pos
-        tag, pos = _varint(model_proto, pos)
-        if tag & 7 == 0:
-            _, pos = _varint(model_proto, pos)
-        elif tag & 7 == 2:
-            size, pos = _varint(model_proto, pos)
-            if tag >> 3 == 3:
-                spec = _drop_field(model_proto[pos : pos + size], 3) + b"\x18\x00"
-                out += b"\x1a" + _encode_varint(len(spec)) + spec
-                pos += size
-                continue
-            pos += size
+    out = bytearray()
+    for number, wire_type, field, value in _fields(model_proto):
+        if number == 3 and wire_type == 2:
+            spec = b"".join(f for n, _, f, _ in _fields(value) if n != 3) + b"\x18\x00"
+            out += b"\x1a" + _encode_varint(len(spec)) + spec
         else:
-            raise ValueError(f"unexpected wire type {tag & 7} in a SentencePiece model")
-        out += model_proto[field_start:pos]
+            out += field
     return bytes(out)
 
 
-def _drop_field(message: bytes, number: int) -> bytes:
-    out, pos = bytearray(), 0
+def _fields(message: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
+    """(field number, wire type, the field's bytes, its payload) for each top-level field."""
+    pos = 0
     while pos < len(message):
-        field_start = pos
+        start = pos
         tag, pos = _varint(message, pos)
-        if tag & 7 == 0:
-            _, pos = _varint(message, pos)
-        elif tag & 7 == 2:
+        wire_type = tag & 7
+        if wire_type == 0:
+            _, end = _varint(message, pos)
+        elif wire_type == 2:
             size, pos = _varint(message, pos)
-            pos += size
-        elif tag & 7 == 5:
-            pos += 4
-        elif tag & 7 == 1:
-            pos += 8
+            end = pos + size
+        elif wire_type in (1, 5):
+            end = pos + (8 if wire_type == 1 else 4)
         else:
-            raise ValueError(f"unexpected wire type {tag & 7} in a SentencePiece model")
-        if tag >> 3 != number:
-            out += message[field_start:pos]
-    return bytes(out)
+            raise ValueError(f"unexpected wire type {wire_type} in a SentencePiece model")
+        yield tag >> 3, wire_type, message[start:end], message[pos:end]
+        pos = end
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
