@@ -24,7 +24,7 @@ def config_for(job: dict, out: Path) -> dict:
     full = job["method"] == "full"
     packed = os.environ.get("TW_PACKED") == "1"
     cfg = {
-        "recipe": "full_finetune_single_device" if full else "lora_finetune_single_device",
+        "recipe": "sft",
         "output_dir": str(out),
         "seed": job["seed"],
         "device": "cpu",

@@ -62,9 +62,8 @@ def main() -> None:
     print(f"tune --help: {wall([*TUNE, '--help'], args.runs) * 1000:.0f} ms (median of {args.runs})")
     print(f"tune ls:     {wall([*TUNE, 'ls'], args.runs) * 1000:.0f} ms (median of {args.runs})")
     with tempfile.TemporaryDirectory() as tmp:
-        for recipe, config in (("full_finetune_single_device", "llama/tiny_full"),
-                               ("lora_finetune_single_device", "llama/tiny_lora")):
-            r = run_recipe(recipe, config, args.steps, Path(tmp) / recipe)
+        for recipe, config in (("sft", "llama/tiny_full"), ("sft", "llama/tiny_lora")):
+            r = run_recipe(recipe, config, args.steps, Path(tmp) / config.replace("/", "_"))
             print(f"{recipe} ({config}, {args.steps} steps): {r['tokens_per_second']:.0f} tokens/s "
                   f"(median after 3 warm-up steps), wall {r['wall_s']:.1f} s, peak RSS "
                   f"{r['peak_rss_mb']:.0f} MB, loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")

@@ -119,6 +119,15 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
                 f"{self.world_size}); resume on a number of ranks that divides it")
         return consumed // self.world_size
 
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's indices of epoch `epoch`, whatever the position (e.g. a full pass over
+        held-out data that never moves the position)."""
+        saved, self.epoch = self.epoch, epoch
+        try:
+            return self._epoch_order()[self.rank :: self.world_size]
+        finally:
+            self.epoch = saved
+
     def __iter__(self) -> Iterator[int]:
         shard = self._epoch_order()[self.rank :: self.world_size]
         if self.index >= len(shard):  # resumed at the very end of an epoch: nothing is left

@@ -111,7 +111,7 @@ def main(cfg: Config) -> dict[str, Any]:
     from tunewright.training.generation import generate, merge_adapter
     from tunewright.training.instantiate import instantiate
     from tunewright.training.setup import seed_everything, setup_device
-    from tunewright.training.trainer import causal_lm_loss
+    from tunewright.training.objectives import causal_lm_loss, evaluate_loss
     from tunewright.training.transforms import compile_blocks
 
     # ------------------------------------------------------------------ set-up
@@ -141,16 +141,11 @@ def main(cfg: Config) -> dict[str, Any]:
     # padding-free layout (a new list of row lengths per batch) recompiles batch after batch.
     loss_fn = functools.partial(causal_lm_loss, chunk_size=cfg.loss_chunk_size,
                                 padding_free=not cfg.compile)
-    loss_sum, num_targets = 0.0, 0
     print(f"held-out loss over {len(dataset)} rows", flush=True)
-    with torch.no_grad():
-        for batch in batches:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            loss, n = loss_fn(model, batch)
-            loss_sum += loss.double().item()  # summed in fp64: the order of batches then hardly matters
-            num_targets += n
+    held_out = evaluate_loss(model, batches, loss_fn, device=device)
+    num_targets = int(held_out.num_targets)
     result: dict[str, Any] = {
-        "loss": loss_sum / max(num_targets, 1), "num_targets": num_targets, "num_rows": len(dataset),
+        "loss": float(held_out.loss), "num_targets": num_targets, "num_rows": len(dataset),
         "model": cfg.model.get("path"), "adapter": cfg.adapter, "dataset": cfg.dataset.get("source"),
         "split": cfg.dataset.get("split"),
     }

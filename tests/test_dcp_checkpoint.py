@@ -18,9 +18,9 @@ from torch import nn
 from tests.dist_scripts.launch import assert_resumed_at, losses, metric_lines, torchrun
 from tunewright.data.sampler import ResumableSampler
 from tunewright.training import dcp_checkpoint
-from tunewright.training.checkpointing import resolve_resume, step_dirs
+from tunewright.training.checkpointing import LocalCheckpointer, resolve_resume, step_dirs
 from tunewright.training.dcp_checkpoint import ShardedCheckpointer, derived_seed
-from tunewright.training.trainer import LocalCheckpointer
+from tunewright.training.state import TrainState
 
 SCRIPT = Path(__file__).resolve().parent / "dist_scripts" / "dcp_train.py"
 # DCP says it assumes one process each time it saves without a process group: here we mean it.
@@ -132,8 +132,12 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> lis
 
 
 def save(checkpointer, out: Path, step: int, model, optimizer, **kw) -> Path | None:
-    return checkpointer.save(str(out), step, model=model, optimizer=optimizer,
-                             trainer_state={"step": step, "epoch": 0}, **kw)
+    return checkpointer.save(str(out), step, TrainState(model=model, optimizer=optimizer),
+                             run_state={"step": step, "epoch": 0}, **kw)
+
+
+def load(checkpointer, path: Path, model, optimizer) -> dict:
+    return checkpointer.load(path, TrainState(model=model, optimizer=optimizer))
 
 
 @pytest.mark.parametrize("async_save", [False, True])
@@ -149,7 +153,7 @@ def test_resume_in_one_process_continues_bit_identically(tmp_path, async_save):
     other.base.load_state_dict(model.base.state_dict())
     torch.manual_seed(123)
     random.seed(123)
-    state = ShardedCheckpointer().load(path, model=other, optimizer=other_opt)
+    state = load(ShardedCheckpointer(), path, other, other_opt)
     assert state == {"step": 3, "epoch": 0}
     assert train(other, other_opt, 3) == expected
 
@@ -161,12 +165,13 @@ def test_only_trainable_weights_are_saved_and_the_keys_must_match(tmp_path):
     train(model, optimizer, 1)
     path = save(ShardedCheckpointer(), tmp_path, 1, model, optimizer)
     keys = FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
-    assert {k for k in keys if k.startswith("model.")} == {
-        "model.adapter.weight", "model.adapter.bias", "model.head.weight", "model.head.bias"}
+    assert {k for k in keys if k.startswith("model.model.")} == {
+        "model.model.adapter.weight", "model.model.adapter.bias", "model.model.head.weight",
+        "model.model.head.bias"}
     model.head.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    with pytest.raises(ValueError, match="does not match this model's trainable parameters"):
-        ShardedCheckpointer().load(path, model=model, optimizer=optimizer)
+    with pytest.raises(ValueError, match="does not match model 'model''s trainable parameters"):
+        load(ShardedCheckpointer(), path, model, optimizer)
 
 
 def test_layout_atomic_rename_prune_and_resume_lookup(tmp_path):
@@ -184,7 +189,7 @@ def test_layout_atomic_rename_prune_and_resume_lookup(tmp_path):
     assert [s for s, _ in step_dirs(tmp_path)] == [2, 3]
     final = tmp_path / "checkpoints" / "step_000003"
     assert exported[-1].name == ".step_000003.tmp"  # export writes into the not-yet-visible dir
-    assert {p.name for p in final.iterdir()} == {"dcp", "rng", "trainer_state.pt",
+    assert {p.name for p in final.iterdir()} == {"dcp", "rng", "train_state.pt",
                                                  "adapter_model.safetensors"}
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
     assert resolve_resume(tmp_path, "auto") == final
@@ -207,9 +212,9 @@ def test_the_two_checkpoint_kinds_refuse_each_other_clearly(tmp_path):
     sharded = save(ShardedCheckpointer(), tmp_path / "a", 1, model, optimizer)
     local = save(LocalCheckpointer(), tmp_path / "b", 1, model, optimizer)
     with pytest.raises(ValueError, match="sharded checkpoint of a distributed run"):
-        LocalCheckpointer().load(sharded, model=model, optimizer=optimizer)
+        load(LocalCheckpointer(), sharded, model, optimizer)
     with pytest.raises(ValueError, match="not a sharded checkpoint"):
-        ShardedCheckpointer().load(local, model=model, optimizer=optimizer)
+        load(ShardedCheckpointer(), local, model, optimizer)
 
 
 def test_async_save_keeps_the_state_of_the_moment_it_was_called(tmp_path):
@@ -226,7 +231,7 @@ def test_async_save_keeps_the_state_of_the_moment_it_was_called(tmp_path):
             s["exp_avg"].add_(1.0)
     checkpointer.wait()
     other, other_opt = make(seed=1)
-    ShardedCheckpointer().load(path, model=other, optimizer=other_opt)
+    load(ShardedCheckpointer(), path, other, other_opt)
     for name in ("adapter.weight", "head.bias"):
         assert torch.equal(other.state_dict()[name], weights[name])
     for k, v in other_opt.state_dict()["state"].items():
@@ -241,7 +246,7 @@ def test_a_rank_the_saving_run_did_not_have_gets_a_derived_rng(tmp_path, monkeyp
     draws = []
     for _ in range(2):
         torch.manual_seed(99)
-        ShardedCheckpointer().load(path, model=model, optimizer=optimizer)
+        load(ShardedCheckpointer(), path, model, optimizer)
         draws.append((torch.rand(3), random.random()))
     torch.manual_seed(derived_seed(0, 5, 1))
     random.seed(derived_seed(0, 5, 1))
@@ -268,13 +273,12 @@ def test_optimizer_in_backward_and_its_schedule_resume(tmp_path):
 
     model, optimizer, schedule = build(0)
     steps(model, optimizer, schedule, 3)
-    path = ShardedCheckpointer().save(str(tmp_path), 3, model=model, optimizer=optimizer,
-                                      trainer_state={"schedule": schedule.state_dict()})
+    path = ShardedCheckpointer().save(str(tmp_path), 3, TrainState(model=model, optimizer=optimizer,
+                                                                    schedule=schedule), run_state={"step": 3})
     expected = steps(model, optimizer, schedule, 5)
     other, other_opt, other_schedule = build(1)
     other.base.load_state_dict(model.base.state_dict())
-    state = ShardedCheckpointer().load(path, model=other, optimizer=other_opt)
-    other_schedule.load_state_dict(state["schedule"])
+    ShardedCheckpointer().load(path, TrainState(model=other, optimizer=other_opt, schedule=other_schedule))
     # the schedule sets the lr through the outer groups: they must be the loaded inner ones
     assert steps(other, other_opt, other_schedule, 5) == expected
 

@@ -20,8 +20,8 @@ from tunewright.training.entry import run_recipe_file
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES, CONFIGS = REPO / "recipes", REPO / "configs" / "llama"
-FULL, FULL_CONFIG = RECIPES / "full_finetune_distributed.py", CONFIGS / "tiny_full_distributed.yaml"
-LORA, LORA_CONFIG = RECIPES / "lora_finetune_distributed.py", CONFIGS / "tiny_lora_distributed.yaml"
+FULL, FULL_CONFIG = RECIPES / "sft.py", CONFIGS / "tiny_full_distributed.yaml"
+LORA, LORA_CONFIG = RECIPES / "sft.py", CONFIGS / "tiny_lora_distributed.yaml"
 STEPS = 4
 COMMON = ["eval_every_n_steps=null", "progress_bar=false", "num_threads=1", f"max_steps={STEPS}",
           "save_final_model=false"]
@@ -52,7 +52,7 @@ def straight_then_resumed(tmp_path: Path, script: Path, nproc: int, args: list[s
 @pytest.mark.slow
 def test_optimizer_in_backward_equals_one_device_and_resumes_exactly(tmp_path):
     single = tmp_path / "single"
-    run_recipe_file(RECIPES / "full_finetune_single_device.py", CONFIGS / "tiny_full.yaml",
+    run_recipe_file(RECIPES / "sft.py", CONFIGS / "tiny_full.yaml",
                     [f"output_dir={single}", "batch_size=4", "save_every_n_steps=null", *COMMON,
                      *OPTIM_IN_BACKWARD])
     args = ["--config", FULL_CONFIG, "batch_size=2", *COMMON, *OPTIM_IN_BACKWARD]

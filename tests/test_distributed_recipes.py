@@ -57,7 +57,7 @@ def max_logit_diff(a: Path, b: Path) -> float:
 @pytest.fixture(scope="module")
 def single_full(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single_full")
-    run_recipe_file(RECIPES / "full_finetune_single_device.py", CONFIGS / "tiny_full.yaml",
+    run_recipe_file(RECIPES / "sft.py", CONFIGS / "tiny_full.yaml",
                     [f"output_dir={out}", "batch_size=4", *COMMON, *NO_SAVES])
     return out
 
@@ -65,7 +65,7 @@ def single_full(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single_lora(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single_lora")
-    run_recipe_file(RECIPES / "lora_finetune_single_device.py", CONFIGS / "tiny_lora.yaml",
+    run_recipe_file(RECIPES / "sft.py", CONFIGS / "tiny_lora.yaml",
                     [f"output_dir={out}", "batch_size=4", *COMMON, *NO_SAVES])
     return out
 
@@ -73,7 +73,7 @@ def single_lora(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_lora(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two_lora")
-    torchrun("lora_finetune_distributed", "tiny_lora_distributed",
+    torchrun("sft", "tiny_lora_distributed",
              [f"output_dir={out}", "batch_size=2", *COMMON, "save_every_n_steps=3"])
     return out
 
@@ -82,7 +82,7 @@ def two_lora(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_full_two_processes_equal_one_device(single_full, tmp_path):
     out = tmp_path / "two"
-    torchrun("full_finetune_distributed", "tiny_full_distributed",
+    torchrun("sft", "tiny_full_distributed",
              [f"output_dir={out}", "batch_size=2", *COMMON, *NO_SAVES])
     assert_same_losses(out, single_full)
     # Written file by file from gathered shards: same files as the one-device export, same model.
@@ -94,7 +94,7 @@ def test_full_two_processes_equal_one_device(single_full, tmp_path):
 def test_full_tensor_parallel_equals_one_device(single_full, tmp_path):
     # tp=2, dp=1: both ranks see the whole batch of 4 and split each layer's heads.
     out = tmp_path / "tp"
-    torchrun("full_finetune_distributed", "tiny_full_distributed",
+    torchrun("sft", "tiny_full_distributed",
              [f"output_dir={out}", "batch_size=4", "tensor_parallel_dim=2", *COMMON, *NO_SAVES])
     assert_same_losses(out, single_full)
     assert max_logit_diff(out / "final", single_full / "final") <= 1e-5
@@ -102,7 +102,7 @@ def test_full_tensor_parallel_equals_one_device(single_full, tmp_path):
 
 def test_one_process_without_torchrun(single_full, tmp_path):
     out = tmp_path / "one"
-    history = run_recipe_file(RECIPES / "full_finetune_distributed.py", CONFIGS / "tiny_full_distributed.yaml",
+    history = run_recipe_file(RECIPES / "sft.py", CONFIGS / "tiny_full_distributed.yaml",
                               [f"output_dir={out}", "batch_size=4", *COMMON, *NO_SAVES])
     assert len(history) == STEPS
     assert_same_losses(out, single_full)
@@ -132,7 +132,7 @@ def test_lora_resume_gives_identical_losses(two_lora, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(two_lora, out)
     shutil.rmtree(out / "checkpoints" / "step_000006")  # as if stopped after the step-3 checkpoint
-    torchrun("lora_finetune_distributed", "tiny_lora_distributed",
+    torchrun("sft", "tiny_lora_distributed",
              [f"output_dir={out}", "batch_size=2", *COMMON, "save_every_n_steps=3",
               "resume_from_checkpoint=auto"])
     assert losses(out) == losses(two_lora)  # bit-identical, every step once
@@ -145,16 +145,16 @@ def test_qlora_two_processes_equal_one_device(tmp_path):
     qlora = [*COMMON, *NO_SAVES, "quantize_base=true", "lora_targets=[gate,up,down]",
              "max_steps=4", "save_final_model=false"]
     single = tmp_path / "single"
-    run_recipe_file(RECIPES / "lora_finetune_single_device.py", CONFIGS / "tiny_lora.yaml",
+    run_recipe_file(RECIPES / "sft.py", CONFIGS / "tiny_lora.yaml",
                     [f"output_dir={single}", "batch_size=4", *qlora])
     two = tmp_path / "two"
-    torchrun("lora_finetune_distributed", "tiny_lora_distributed", [f"output_dir={two}", "batch_size=2", *qlora])
+    torchrun("sft", "tiny_lora_distributed", [f"output_dir={two}", "batch_size=2", *qlora])
     assert losses(two) == pytest.approx(losses(single), rel=1e-5)
 
 
 # ---------------------------------------------------------------- bad inputs
 def test_tensor_parallel_dim_not_dividing_world_is_one_line(tmp_path):
-    cmd = [sys.executable, str(RECIPES / "full_finetune_distributed.py"), "--config",
+    cmd = [sys.executable, str(RECIPES / "sft.py"), "--config",
            str(CONFIGS / "tiny_full_distributed.yaml"), f"output_dir={tmp_path}", "tensor_parallel_dim=3"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -169,7 +169,7 @@ def test_tensor_parallel_dim_not_dividing_world_is_one_line(tmp_path):
 ])
 def test_bad_parallel_settings_fail_before_training(tmp_path, override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        run_recipe_file(RECIPES / "full_finetune_distributed.py", CONFIGS / "tiny_full_distributed.yaml",
+        run_recipe_file(RECIPES / "sft.py", CONFIGS / "tiny_full_distributed.yaml",
                         [f"output_dir={tmp_path}", override])
     assert not torch.distributed.is_initialized()
     assert not (tmp_path / "metrics.jsonl").exists()

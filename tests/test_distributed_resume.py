@@ -20,9 +20,9 @@ from tests.dist_scripts.launch import (assert_resumed_at, finish, free_port, los
 from tunewright.training.checkpointing import step_dirs
 
 REPO = Path(__file__).resolve().parent.parent
-FULL = REPO / "recipes" / "full_finetune_distributed.py"
+FULL = REPO / "recipes" / "sft.py"
 FULL_CONFIG = REPO / "configs" / "llama" / "tiny_full_distributed.yaml"
-LORA = REPO / "recipes" / "lora_finetune_distributed.py"
+LORA = REPO / "recipes" / "sft.py"
 LORA_CONFIG = REPO / "configs" / "llama" / "tiny_lora_distributed.yaml"
 FAULT = REPO / "tests" / "dist_scripts" / "recipe_with_fault.py"
 STEPS = 8
@@ -112,7 +112,7 @@ def test_lora_checkpoints_hold_adapters_and_their_peft_export_and_resume(tmp_pat
     torchrun(2, LORA, [*common, f"output_dir={straight}", "batch_size=2"])
     step2 = straight / "checkpoints" / "step_000002"
     metadata = FileSystemReader(str(step2 / "dcp")).read_metadata().state_dict_metadata
-    weights = {k for k in metadata if k.startswith("model.")}
+    weights = {k for k in metadata if k.startswith("model.model.")}
     assert weights and all(".lora_a." in k or ".lora_b." in k for k in weights), sorted(weights)[:4]
     # the PEFT adapter of that step, gathered by every rank and written by rank 0
     adapter = load_file(str(step2 / "adapter_model.safetensors"))

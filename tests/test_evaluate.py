@@ -97,7 +97,7 @@ def test_accuracy_counts_replies_equal_to_the_answer(tmp_path):
 
 
 def test_adapter_evaluates_like_the_merged_model(tmp_path):
-    lora = REPO / "recipes" / "lora_finetune_single_device.py"
+    lora = REPO / "recipes" / "sft.py"
     run_recipe_file(lora, REPO / "configs" / "llama" / "tiny_lora.yaml",
                     [f"output_dir={tmp_path / 'run'}", "max_steps=3", "progress_bar=false", "num_threads=1",
                      "eval_every_n_steps=null", "save_every_n_steps=null", "save_final_model=true"])

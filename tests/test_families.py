@@ -56,9 +56,8 @@ FAST = ["batch_size=4", "eval_every_n_steps=null", "progress_bar=false", "num_th
 @pytest.mark.parametrize("recipe", ["full", "lora"])
 @pytest.mark.parametrize("family", TINY)
 def test_tiny_model_learns(tmp_path, family, recipe):
-    name = "full_finetune_single_device" if recipe == "full" else "lora_finetune_single_device"
     history = run_recipe_file(
-        REPO / "recipes" / f"{name}.py", REPO / "configs" / "llama" / f"tiny_{recipe}.yaml",
+        REPO / "recipes" / "sft.py", REPO / "configs" / "llama" / f"tiny_{recipe}.yaml",
         [f"output_dir={tmp_path}", f"model.path=${{tiny:{family}}}", *FAST],
     )
     losses = [row["loss"] for row in history if "loss" in row]

@@ -141,6 +141,7 @@ def test_mixed_dense_and_moe_layers_and_frozen_experts():
 
 def test_expert_adapters_checkpoint_and_resume(tmp_path):
     from tunewright.training.checkpointing import load_checkpoint, save_checkpoint
+    from tunewright.training.state import TrainState
 
     def setup() -> tuple[nn.Module, torch.optim.Optimizer]:
         model = tiny()
@@ -154,10 +155,10 @@ def test_expert_adapters_checkpoint_and_resume(tmp_path):
 
     model, opt = setup()
     step(model, opt)
-    ckpt = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, trainer_state={"step": 1})
+    ckpt = save_checkpoint(tmp_path, 1, TrainState(model=model, optimizer=opt), run_state={"step": 1})
     step(model, opt)
     resumed, opt2 = setup()
-    load_checkpoint(ckpt, model=resumed, optimizer=opt2)
+    load_checkpoint(ckpt, TrainState(model=resumed, optimizer=opt2))
     step(resumed, opt2)
     want, got = adapter_state_dict(model), adapter_state_dict(resumed)
     assert any(".experts.lora." in k for k in want) and set(want) == set(got)

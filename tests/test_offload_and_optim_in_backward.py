@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import tunewright.training.trainer as trainer_module
+import tunewright.training.offload as offload_module
+from tests.faults import crash_at_step
 from tunewright.training.entry import run_recipe_file
 from tunewright.training.offload import OffloadActivations, activation_offloading, wants_offload
 from tunewright.training.optim_in_backward import OptimizerInBackward
-from tunewright.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
-FULL = REPO / "recipes" / "full_finetune_single_device.py"
-LORA = REPO / "recipes" / "lora_finetune_single_device.py"
+FULL = LORA = REPO / "recipes" / "sft.py"
 FULL_CFG = REPO / "configs" / "llama" / "tiny_full.yaml"
 LORA_CFG = REPO / "configs" / "llama" / "tiny_lora.yaml"
 FAST = ["batch_size=4", "eval_every_n_steps=null", "progress_bar=false", "num_threads=1",
@@ -47,7 +46,7 @@ def loss_of(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- offloading
 @pytest.fixture
 def offload_spy(monkeypatch) -> list[OffloadActivations]:
-    """The offloading contexts the Trainer opened, to see that its hooks really ran."""
+    """The offloading contexts the recipe's loop opened, to see that its hooks really ran."""
     opened: list[OffloadActivations] = []
 
     def spy(enabled: bool, **options):
@@ -56,7 +55,7 @@ def offload_spy(monkeypatch) -> list[OffloadActivations]:
             opened.append(ctx)
         return ctx
 
-    monkeypatch.setattr(trainer_module, "activation_offloading", spy)
+    monkeypatch.setattr(offload_module, "activation_offloading", spy)
     return opened
 
 
@@ -182,19 +181,10 @@ def test_optimizer_in_backward_resumes_exactly(tmp_path, monkeypatch):
     common = ["max_steps=8", "save_every_n_steps=4", *OIB]
     straight = run(FULL, FULL_CFG, tmp_path / "straight", *common)
 
-    real_step = Trainer.train_step
-    calls = {"n": 0}
-
-    def crash_on_fifth(self, micro):
-        calls["n"] += 1
-        if calls["n"] == 5:  # right after the step-4 checkpoint
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(self, micro)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_on_fifth)
-    with pytest.raises(KeyboardInterrupt):
-        run(FULL, FULL_CFG, tmp_path / "resumed", *common)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, 5)  # right after the step-4 checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            run(FULL, FULL_CFG, tmp_path / "resumed", *common)
     resumed = run(FULL, FULL_CFG, tmp_path / "resumed", *common, "resume_from_checkpoint=auto")
     assert [r["step"] for r in resumed] == [5, 6, 7, 8]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[4:]]

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.faults import crash_at_step
 from tunewright.training.entry import run_recipe_file
-from tunewright.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "recipes" / "full_finetune_single_device.py"
+RECIPE = REPO / "recipes" / "sft.py"
 CONFIG = REPO / "configs" / "llama" / "tiny_full.yaml"
 FAST = ["batch_size=4", "eval_every_n_steps=null", "progress_bar=false", "num_threads=1"]
 
@@ -48,19 +48,10 @@ def test_resume_gives_identical_losses(tmp_path, monkeypatch):
     run_recipe_file(RECIPE, CONFIG, [f"output_dir={straight}", *common])
 
     resumed = tmp_path / "resumed"
-    real_step = Trainer.train_step
-    calls = {"n": 0}
-
-    def crash_on_sixth(self, micro):
-        calls["n"] += 1
-        if calls["n"] == 6:  # after the step-4 checkpoint and a logged step 5
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(self, micro)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_on_sixth)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe_file(RECIPE, CONFIG, [f"output_dir={resumed}", *common])
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, 6)  # after the step-4 checkpoint and a logged step 5
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe_file(RECIPE, CONFIG, [f"output_dir={resumed}", *common])
     assert sorted(losses(resumed)) == [1, 2, 3, 4, 5]
 
     run_recipe_file(RECIPE, CONFIG, [f"output_dir={resumed}", *common, "resume_from_checkpoint=auto"])

@@ -12,7 +12,7 @@ import torch
 from tunewright.training.entry import run_recipe_file
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "recipes" / "lora_finetune_single_device.py"
+RECIPE = REPO / "recipes" / "sft.py"
 CONFIG = REPO / "configs" / "llama" / "tiny_lora.yaml"
 FAST = ["batch_size=4", "eval_every_n_steps=null", "progress_bar=false", "num_threads=1",
         "save_every_n_steps=null"]

@@ -10,7 +10,7 @@ import pytest
 from tunewright.training.entry import run_recipe_file
 
 REPO = Path(__file__).resolve().parent.parent
-FULL = REPO / "recipes" / "full_finetune_single_device.py"
+FULL = REPO / "recipes" / "sft.py"
 CONFIG = REPO / "configs" / "llama" / "tiny_full.yaml"
 FAST = ["batch_size=4", "eval_every_n_steps=null", "progress_bar=false", "num_threads=1",
         "save_every_n_steps=null", "save_final_model=false"]

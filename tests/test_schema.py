@@ -63,3 +63,42 @@ def test_bad_inputs_name_the_key(change, expected):
     if change.get("output_dir", 0) is None:
         cfg.pop("output_dir")
     assert expected in error(cfg)
+
+
+# ---------------------------------------------------------------- keys that need another key
+def sft_config(*overrides: str):
+    from pathlib import Path
+
+    from tunewright.training.entry import import_recipe, load_recipe_config
+
+    repo = Path(__file__).resolve().parent.parent
+    module = import_recipe(repo / "recipes" / "sft.py")
+    return load_recipe_config(module, repo / "configs" / "llama" / "tiny_full.yaml", list(overrides))
+
+
+@pytest.mark.parametrize("key", ["lora_alpha=32", "use_dora=true", "quantize_base=true", "save_adapter=false"])
+def test_lora_keys_without_lora_rank_fail_naming_both(key):
+    with pytest.raises(ConfigError) as e:
+        sft_config(key)
+    name = key.split("=")[0]
+    assert f"key '{name}' needs 'lora_rank' to be set" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_sft_schema_defaults():
+    full, lora = sft_config(), sft_config("lora_rank=8")
+    assert full.lora_rank is None and lora.lora_rank == 8
+    # null: full fine-tuning writes final/, LoRA only its adapter (no merged copy by default)
+    assert full.save_final_model is None and lora.save_adapter is True
+    assert full.distributed is None and full.activation_checkpointing_every == 1
+
+
+def test_parallel_keys_on_one_device_fail_before_any_work(tmp_path):
+    from pathlib import Path
+
+    from tunewright.training.entry import run_recipe_file
+
+    repo = Path(__file__).resolve().parent.parent
+    with pytest.raises(ValueError, match="tensor_parallel_dim: set for a run on one device"):
+        run_recipe_file(repo / "recipes" / "sft.py", repo / "configs" / "llama" / "tiny_full.yaml",
+                        [f"output_dir={tmp_path}", "tensor_parallel_dim=2"])
+    assert not (tmp_path / "config.yaml").exists()

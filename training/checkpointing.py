@@ -1,8 +1,17 @@
-"""Step checkpoints for exact resume: trainable weights, optimizer, scheduler, data position, RNG.
+"""Step checkpoints of a one-process run, for exact resume: every entry of a `TrainState`
+(trainable weights of each model, each optimizer, schedulers, data positions), the run's step
+and the RNG.
 
-Layout: `<output_dir>/checkpoints/step_<N>/` written atomically (temporary name, then rename),
-so any `step_*` directory that exists is complete and `resume_from_checkpoint: auto` can take
-the latest. Pickled files are read with `weights_only=True` only.
+Layout, written atomically (a temporary name, then a rename), so any `step_*` directory that
+exists is complete and `resume_from_checkpoint: auto` can take the latest:
+
+    <output_dir>/checkpoints/step_<N>/
+        <model>.trainable.safetensors   trainable parameters of each model of the state (our names)
+        <optimizer>.pt                  each optimizer's state dict
+        train_state.pt                  the run's counters, every other entry's state dict, RNG
+        ...                             whatever `export(dir)` writes (e.g. the PEFT adapter of that step)
+
+Pickled files are read with `weights_only=True` only.
 """
 
 from __future__ import annotations
@@ -16,17 +25,27 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from tunewright.training import distributed as dist
 from tunewright.training.atomic import atomic_dir
+from tunewright.training.state import TrainState
 
-WEIGHTS_FILE = "trainable.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "trainer_state.pt"
-SHARDED_DIR = "dcp"  # model + optimizer of a distributed run (training/dcp_checkpoint.py)
+STATE_FILE = "train_state.pt"
+SHARDED_DIR = "dcp"  # models + optimizers of a distributed run (training/dcp_checkpoint.py)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+Export = Callable[[Path], None]
+
+
+def weights_file(model_name: str) -> str:
+    return f"{model_name}.trainable.safetensors"
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
 
 
 def step_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -35,6 +54,13 @@ def step_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return sorted(found)
+
+
+def prune(output_dir: str | Path, keep_last: int | None) -> None:
+    """Delete all but the newest `keep_last` step checkpoints (None or 0: keep all)."""
+    if keep_last:
+        for _, old in step_dirs(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_resume(output_dir: str | Path, resume: bool | str) -> Path | None:
@@ -71,51 +97,95 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def object_states(state: TrainState) -> dict[str, Any]:
+    return {name: obj.state_dict() for name, obj in state.objects.items()}
+
+
+def load_object_states(state: TrainState, saved: dict[str, Any], where: Path) -> None:
+    missing = [name for name in state.objects if name not in saved]
+    if missing:
+        raise ValueError(f"{where}: the checkpoint has no '{missing[0]}' (it holds "
+                         f"{', '.join(saved) or 'nothing else'}); was the recipe changed?")
+    for name, obj in state.objects.items():
+        obj.load_state_dict(saved[name])
+
+
+def check_names(where: Path, what: str, saved: set[str], expected: set[str]) -> None:
+    if saved != expected:
+        diff = sorted(saved ^ expected)[:3]
+        raise ValueError(f"{where}: checkpoint does not match {what}'s trainable parameters "
+                         f"(differ: {', '.join(diff)}); was the config changed?")
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
+    state: TrainState,
     *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    trainer_state: dict[str, Any],
-    export: Callable[[Path], None] | None = None,
+    run_state: dict[str, Any],
+    export: Export | None = None,
     keep_last: int | None = None,
 ) -> Path:
     from safetensors.torch import save_file
 
-    final = checkpoints_dir(output_dir) / f"step_{step:06d}"
+    final = checkpoints_dir(output_dir) / step_dir_name(step)
     with atomic_dir(final) as tmp:
-        save_file(trainable_state(model), str(tmp / WEIGHTS_FILE))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
+        for name, model in state.models.items():
+            save_file(trainable_state(model), str(tmp / weights_file(name)))
+        for name, optimizer in state.optimizers.items():
+            torch.save(optimizer.state_dict(), tmp / f"{name}.pt")
+        torch.save({"run": run_state, "objects": object_states(state), "rng": rng_state()}, tmp / STATE_FILE)
         if export is not None:
             export(tmp)  # e.g. a PEFT adapter or HF weights users can take from this step
-    if keep_last:
-        for _, old in step_dirs(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune(output_dir, keep_last)
     return final
 
 
-def load_checkpoint(
-    step_dir: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """Restore weights and optimizer in place; return the trainer state (RNG already set)."""
+def load_checkpoint(step_dir: Path, state: TrainState) -> dict[str, Any]:
+    """Restore every entry of `state` in place and the RNG; return the run's saved counters."""
     from safetensors.torch import load_file
 
+    step_dir = Path(step_dir)
     if (step_dir / SHARDED_DIR).is_dir():
         raise ValueError(f"{step_dir} is a sharded checkpoint of a distributed run; resume it with "
-                         f"the distributed recipe (it also runs as a single process)")
-    weights = load_file(str(step_dir / WEIGHTS_FILE))
-    params = dict(model.named_parameters())
-    trainable = {n for n, p in params.items() if p.requires_grad}
-    if set(weights) != trainable:
-        diff = sorted(set(weights) ^ trainable)[:3]
-        raise ValueError(f"{step_dir}: checkpoint does not match this model's trainable "
-                         f"parameters (differ: {', '.join(diff)}); was the config changed?")
-    with torch.no_grad():
-        for n, w in weights.items():
-            params[n].copy_(w)
-    optimizer.load_state_dict(torch.load(step_dir / OPTIMIZER_FILE, weights_only=True))
-    state = torch.load(step_dir / STATE_FILE, weights_only=True)
-    set_rng_state(state.pop("rng"))
-    return state
+                         f"a distributed run (it also runs as a single process: distributed=true)")
+    for name, model in state.models.items():
+        path = step_dir / weights_file(name)
+        if not path.is_file():
+            raise ValueError(f"{step_dir}: the checkpoint has no model '{name}' ({path.name}); "
+                             "was the recipe changed?")
+        weights = load_file(str(path))
+        params = dict(model.named_parameters())
+        check_names(step_dir, f"model '{name}'", set(weights), {n for n, p in params.items() if p.requires_grad})
+        with torch.no_grad():
+            for n, w in weights.items():
+                params[n].copy_(w)
+    for name, optimizer in state.optimizers.items():
+        path = step_dir / f"{name}.pt"
+        if not path.is_file():
+            raise ValueError(f"{step_dir}: the checkpoint has no optimizer '{name}' ({path.name}); "
+                             "was the recipe changed?")
+        optimizer.load_state_dict(torch.load(path, weights_only=True))
+    saved = torch.load(step_dir / STATE_FILE, weights_only=True)
+    load_object_states(state, saved["objects"], step_dir)
+    set_rng_state(saved["rng"])
+    return saved["run"]
+
+
+class LocalCheckpointer:
+    """Step checkpoints as whole tensors written by rank 0 (the format above)."""
+
+    def save(self, output_dir: str | Path, step: int, state: TrainState, *, run_state: dict[str, Any],
+             export: Export | None = None, keep_last: int | None = None) -> Path | None:
+        path = None
+        if dist.is_main():
+            path = save_checkpoint(output_dir, step, state, run_state=run_state, export=export,
+                                   keep_last=keep_last)
+        dist.barrier()
+        return path
+
+    def load(self, step_dir: Path, state: TrainState) -> dict[str, Any]:
+        return load_checkpoint(step_dir, state)
+
+    def wait(self) -> None:
+        """Saves are synchronous: nothing is ever pending."""

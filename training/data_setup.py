@@ -1,4 +1,4 @@
-"""From a built dataset to the resumable batches the training core iterates."""
+"""From the config's tokenizer and datasets to the resumable batches a training loop iterates."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 from tunewright.data.collate import collate_padded
 from tunewright.data.sampler import ResumableSampler
 from tunewright.training import distributed as dist
-from tunewright.training.trainer import Batches
+from tunewright.training.batching import Batches
+from tunewright.training.instantiate import instantiate
 
 
 def make_batches(
@@ -31,3 +32,16 @@ def make_batches(
         group_by_length=group_by_length, lengths=lengths, batch_size=batch_size,
     )
     return Batches(dataset, sampler, batch_size, functools.partial(collate_padded, pad_id=pad_id))
+
+
+def build_data(cfg: Any) -> tuple[Any, Batches, Batches | None]:
+    """(tokenizer, train batches, validation batches or None) from `tokenizer`, `dataset`,
+    `val_dataset`, `batch_size`, `shuffle`, `group_by_length` and `seed`."""
+    tokenizer = instantiate(cfg.tokenizer)
+    batching = dict(pad_id=tokenizer.pad_id, batch_size=cfg.batch_size, seed=cfg.seed)
+    train = make_batches(instantiate(cfg.dataset, tokenizer=tokenizer), shuffle=cfg.shuffle,
+                         group_by_length=cfg.group_by_length, **batching)
+    val = None
+    if cfg.val_dataset is not None:
+        val = make_batches(instantiate(cfg.val_dataset, tokenizer=tokenizer), shuffle=False, **batching)
+    return tokenizer, train, val

@@ -6,8 +6,10 @@ it; loading reshards, so a run resumes on any number of ranks. Same place and ma
 `training/checkpointing.py`, so `resolve_resume` (and `resume_from_checkpoint: auto`) finds both:
 
     <output_dir>/checkpoints/step_<N>/
-        dcp/               trainable parameters ("model.*") + optimizer ("optimizer.*"), DCP files
-        trainer_state.pt   step, epoch, sampler position, lr scheduler, world size, seed (rank 0)
+        dcp/               per model of the `TrainState`: its trainable parameters
+                           ("<model>.model.*") and its optimizers' state ("<model>.optim.*")
+        train_state.pt     the run's counters, every other entry (scheduler, data position),
+                           world size, seed (rank 0)
         rng/rank_<r>.pt    torch + python RNG of rank r
         ...                whatever `export(dir)` writes (e.g. the PEFT adapter of that step)
 
@@ -20,7 +22,7 @@ Async (`async_save=True`): the state is copied to CPU memory, then written by a 
 thread while training goes on; its collectives run on a gloo group of their own (never on the
 training group from another thread). Rank 0 renames the directory as soon as DCP finishes, which
 implies every rank has written (DCP gathers every rank's write results before finishing). The
-next `save` and `wait()` (called by `Trainer.fit` at the end) wait for it.
+next `save` and `wait()` (called by `Run.steps` at the end) wait for it.
 
 Another world size: DCP reshards model and optimizer; the sampler converts its position
 (`data/sampler.py`); a rank that had no RNG file (the run grew) seeds torch and python from
@@ -51,7 +53,10 @@ from torch import nn
 
 from tunewright.training import distributed as dist
 from tunewright.training.checkpointing import SHARDED_DIR as DCP_DIR
-from tunewright.training.checkpointing import STATE_FILE, checkpoints_dir, rng_state, set_rng_state, step_dirs
+from tunewright.training.checkpointing import (STATE_FILE, Export, check_names, checkpoints_dir,
+                                               load_object_states, object_states, prune, rng_state,
+                                               set_rng_state, step_dir_name)
+from tunewright.training.state import TrainState
 
 RNG_DIR = "rng"
 
@@ -68,21 +73,37 @@ def _options() -> Any:
     return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
-def _optimizers(optimizer: torch.optim.Optimizer) -> Any:
+def _inner(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
     """What DCP reads optimizer state from: `OptimizerInBackward` keeps one optimizer per
     parameter, and its own `state_dict` is no format DCP knows."""
     from tunewright.training.optim_in_backward import OptimizerInBackward
 
-    return optimizer.optimizers if isinstance(optimizer, OptimizerInBackward) else optimizer
+    return list(optimizer.optimizers) if isinstance(optimizer, OptimizerInBackward) else [optimizer]
 
 
-def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """{"model": trainable parameters, "optimizer": its state}, as DTensors where sharded."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+def _grouped(state: TrainState) -> dict[str, tuple[nn.Module, list[torch.optim.Optimizer]]]:
+    """Model name -> (model, the optimizers stepping it): DCP keys optimizer state by the
+    parameter names of its model."""
+    owners = state.optimizer_owners()
+    return {name: (model, [opt for o, opt in state.optimizers.items() if owners[o] == name])
+            for name, model in state.models.items()}
 
-    model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=_options())
-    buffers = {name for name, _ in model.named_buffers()}
-    return {"model": {k: v for k, v in model_sd.items() if k not in buffers}, "optimizer": optim_sd}
+
+def _tensor_state(state: TrainState) -> dict[str, Any]:
+    """{model: {"model": trainable parameters, "optim": its optimizers' state}}, as DTensors
+    where sharded."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    out: dict[str, Any] = {}
+    for name, (model, optimizers) in _grouped(state).items():
+        buffers = {n for n, _ in model.named_buffers()}
+        inner = [o for opt in optimizers for o in _inner(opt)]
+        if inner:
+            model_sd, optim_sd = get_state_dict(model, inner, options=_options())
+        else:
+            model_sd, optim_sd = get_model_state_dict(model, options=_options()), {}
+        out[name] = {"model": {k: v for k, v in model_sd.items() if k not in buffers}, "optim": optim_sd}
+    return out
 
 
 def _rng_file(step_dir: Path, rank: int) -> Path:
@@ -104,13 +125,11 @@ def _publish(tmp: Path, final: Path, output_dir: str | Path, keep_last: int | No
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    if keep_last:
-        for _, stale in step_dirs(output_dir)[:-keep_last]:
-            shutil.rmtree(stale, ignore_errors=True)
+    prune(output_dir, keep_last)
 
 
 class ShardedCheckpointer:
-    """`Trainer`'s checkpointer for distributed recipes (`save`/`load` as `LocalCheckpointer`).
+    """The checkpointer of distributed runs (`save`/`load`/`wait` as `LocalCheckpointer`).
 
     `export(dir)` is called on every rank with the same directory, since exporting sharded
     weights needs a gather that all ranks join; it must write files from rank 0 only.
@@ -122,22 +141,13 @@ class ShardedCheckpointer:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._group: Any = None
 
-    def save(
-        self,
-        output_dir: str,
-        step: int,
-        *,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        trainer_state: dict[str, Any],
-        export: Callable[[Path], None] | None = None,
-        keep_last: int | None = None,
-    ) -> Path | None:
+    def save(self, output_dir: str | Path, step: int, state: TrainState, *, run_state: dict[str, Any],
+             export: Export | None = None, keep_last: int | None = None) -> Path | None:
         """Write step `step`; returns its directory on rank 0 (with async, once it completes)."""
         import torch.distributed.checkpoint as dcp
 
         self.wait()  # one save in flight at a time, and never two writers in one directory
-        final = checkpoints_dir(output_dir) / f"step_{step:06d}"
+        final = checkpoints_dir(output_dir) / step_dir_name(step)
         tmp = final.parent / f".{final.name}.tmp"
         if dist.is_main():
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
@@ -145,19 +155,19 @@ class ShardedCheckpointer:
         dist.barrier()
         torch.save(rng_state(), _rng_file(tmp, dist.rank()))
         if dist.is_main():
-            torch.save({**trainer_state, "world_size": dist.world_size(), "seed": torch.initial_seed()},
-                       tmp / STATE_FILE)
+            torch.save({"run": run_state, "objects": object_states(state), "world_size": dist.world_size(),
+                        "seed": torch.initial_seed()}, tmp / STATE_FILE)
         if export is not None:
             export(tmp)
-        state = _trainable_state(model, optimizer)
+        tensors = _tensor_state(state)
         if not self.async_save:
-            dcp.save(state, checkpoint_id=tmp / DCP_DIR)
+            dcp.save(tensors, checkpoint_id=tmp / DCP_DIR)
             dist.barrier()  # every rank's shards are on disk
             if dist.is_main():
                 _publish(tmp, final, output_dir, keep_last)
             dist.barrier()
             return final if dist.is_main() else None
-        saving = dcp.async_save(state, checkpoint_id=tmp / DCP_DIR, process_group=self._async_group())
+        saving = dcp.async_save(tensors, checkpoint_id=tmp / DCP_DIR, process_group=self._async_group())
         saving = getattr(saving, "upload_completion", saving)  # newer torch: AsyncSaveResponse
         publish = dist.is_main()
 
@@ -186,45 +196,49 @@ class ShardedCheckpointer:
             self._group = torch.distributed.new_group(backend="gloo")
         return self._group
 
-    def load(self, step_dir: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Restore weights and optimizer in place (resharded to this run); set this rank's RNG;
-        return the trainer state."""
+    def load(self, step_dir: Path, state: TrainState) -> dict[str, Any]:
+        """Restore every entry (resharded to this run) and this rank's RNG; return the run's
+        saved counters."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
         step_dir = Path(step_dir)
         if not (step_dir / DCP_DIR / ".metadata").is_file():
             raise ValueError(f"{step_dir} is not a sharded checkpoint (no {DCP_DIR}/.metadata); a "
-                             f"single-device recipe wrote it, resume it with one")
+                             f"one-process run wrote it, resume it with distributed=false")
         self.wait()
-        state = _trainable_state(model, optimizer)
-        _check_keys(step_dir, set(state["model"]))
-        dcp.load(state, checkpoint_id=step_dir / DCP_DIR)
-        optimizers = _optimizers(optimizer)
-        set_state_dict(model, optimizers, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"], options=_options())
-        if optimizers is not optimizer:  # loading made new group dicts: the scheduler's view
-            optimizer.param_groups[:] = [g for opt in optimizers for g in opt.param_groups]
-        trainer_state = torch.load(step_dir / STATE_FILE, weights_only=True)
-        saved_world, seed = trainer_state.pop("world_size"), trainer_state.pop("seed")
+        tensors = _tensor_state(state)
+        _check_keys(step_dir, tensors)
+        dcp.load(tensors, checkpoint_id=step_dir / DCP_DIR)
+        for name, (model, optimizers) in _grouped(state).items():
+            inner = [o for opt in optimizers for o in _inner(opt)]
+            if inner:
+                set_state_dict(model, inner, model_state_dict=tensors[name]["model"],
+                               optim_state_dict=tensors[name]["optim"], options=_options())
+            else:
+                set_model_state_dict(model, tensors[name]["model"], options=_options())
+            for opt in optimizers:  # loading made new group dicts: point the outer ones at them
+                if _inner(opt) != [opt]:
+                    opt.param_groups[:] = [g for o in _inner(opt) for g in o.param_groups]
+        saved = torch.load(step_dir / STATE_FILE, weights_only=True)
+        load_object_states(state, saved["objects"], step_dir)
         rng = _rng_file(step_dir, dist.rank())
         if rng.is_file():
             set_rng_state(torch.load(rng, weights_only=True))
-        else:  # this rank did not exist in the saving run (it had `saved_world` ranks)
-            if dist.rank() < saved_world:
+        else:  # this rank did not exist in the saving run (it had `world_size` ranks)
+            if dist.rank() < saved["world_size"]:
                 raise ValueError(f"{rng} is missing: the checkpoint is incomplete")
-            new_seed = derived_seed(seed, trainer_state["step"], dist.rank())
+            new_seed = derived_seed(saved["seed"], saved["run"]["step"], dist.rank())
             torch.manual_seed(new_seed)
             random.seed(new_seed)
-        return trainer_state
+        return saved["run"]
 
 
-def _check_keys(step_dir: Path, expected: set[str]) -> None:
+def _check_keys(step_dir: Path, tensors: dict[str, Any]) -> None:
     from torch.distributed.checkpoint import FileSystemReader
 
     metadata = FileSystemReader(str(step_dir / DCP_DIR)).read_metadata()
-    saved = {k.removeprefix("model.") for k in metadata.state_dict_metadata if k.startswith("model.")}
-    if saved != expected:
-        diff = sorted(saved ^ expected)[:3]
-        raise ValueError(f"{step_dir}: checkpoint does not match this model's trainable "
-                         f"parameters (differ: {', '.join(diff)}); was the config changed?")
+    for name, entry in tensors.items():
+        prefix = f"{name}.model."
+        saved = {k.removeprefix(prefix) for k in metadata.state_dict_metadata if k.startswith(prefix)}
+        check_names(step_dir, f"model '{name}'", saved, set(entry["model"]))

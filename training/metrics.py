@@ -1,9 +1,10 @@
-"""One logging path for every recipe: `<output_dir>/metrics.jsonl`, stdout, optional extra sink.
+"""One logging path for every recipe: `<output_dir>/metrics.jsonl`, stdout, optional extra sink
+(`training/run.py`'s `Run.log` writes through it).
 
-Each logged optimizer step is one JSON object with at least `step`, `loss`, `lr`,
-`tokens_per_second`, plus `time` (unix time when the step finished), `num_tokens` (non-padding
-tokens) and `num_tokens_total` (tokens computed, padding included) so external harnesses can
-time steps by wall clock. Only rank 0 writes.
+Each `Run.log` call is one JSON object with `step` and `time` (unix time) and whatever the
+recipe logged; the SFT recipe's step lines have `loss`, `lr`, `grad_norm`, `tokens_per_second`,
+`num_tokens` (non-padding tokens) and `num_tokens_total` (tokens computed, padding included), so
+external harnesses can time steps by wall clock. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -63,12 +64,22 @@ class MetricsWriter:
                 self.sink.close()
 
 
+# Printed first and in this form; other keys a recipe logs follow in the order it gave them.
+_FORMATS = {"loss": "{:.4f}", "val_loss": "{:.4f}", "lr": "{:.2e}", "grad_norm": "{:.3f}",
+            "tokens_per_second": "{:.0f}"}
+# In metrics.jsonl, not on the console.
+_QUIET = {"step", "epoch", "time", "step_time", "num_tokens", "num_tokens_total", "num_targets", "peak_rss_mb"}
+
+
 def format_record(record: dict[str, Any]) -> str:
     parts = [f"step {record['step']}"]
-    for key, fmt in (("loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("lr", "{:.2e}"),
-                     ("grad_norm", "{:.3f}"), ("tokens_per_second", "{:.0f}")):
-        if key in record and record[key] is not None:
+    for key, fmt in _FORMATS.items():
+        if record.get(key) is not None:
             parts.append(f"{key} " + fmt.format(record[key]))
+    for key, value in record.items():
+        if key in _FORMATS or key in _QUIET or value is None:
+            continue
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return " | ".join(parts)
 
 

@@ -6,9 +6,10 @@ device, and the model transforms in their documented order.
          tensor parallel -> activation checkpointing -> per-block compile -> FSDP2
     -> materialize -> load the checkpoint shard by shard (`training/sharded_io.py`)
 
-Everything after this set-up (train step, accumulation, resume, logging) is the shared
-`training/trainer.py` loop, unchanged: its target counts and losses are summed over the
-data-parallel group, so FSDP must sum gradients too (`shard_fsdp2` sets a divide factor of 1).
+`training/placement.py` runs this set-up for a recipe. The recipe's loop is the same as on one
+device: its target counts and losses are summed over the data-parallel group
+(`batching.target_count`), so FSDP must sum gradients too (`shard_fsdp2` sets a divide factor
+of 1).
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ _LOAD_PRETRAINED = ("tunewright.models.load_pretrained", "tunewright.models.pret
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    """Keys every distributed recipe adds to `TrainConfig`; `batch_size` is per process."""
+    """How a recipe runs over several processes (`training/placement.py`); `batch_size` is per
+    process. Only `distributed` and `collective_timeout_minutes` may be set for one device."""
 
+    # null: distributed when torchrun started this process; true: FSDP2 also in one process
+    distributed: bool | None = None
     data_parallel_dim: int | None = None  # default: world size / tensor_parallel_dim
     tensor_parallel_dim: int = 1
     fsdp_cpu_offload: bool = False  # sharded parameters, gradients and optimizer state on CPU
     fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (less memory)
-    activation_checkpointing_every: int = 1  # with enable_activation_checkpointing: every k-th block
     async_checkpoint: bool = False  # step checkpoints written in the background
     # How long a collective may wait. A sharded save ends in a barrier that waits for the
     # slowest rank's writes; a 70B checkpoint on a slow disk takes many minutes, so the default
@@ -141,9 +144,6 @@ def parallelize(model: nn.Module, mesh: Any, cfg: Any) -> None:
 
         apply_tensor_parallel(model, mesh["tp"])
     if cfg.enable_activation_checkpointing:
-        if cfg.activation_checkpointing_every < 1:
-            raise ValueError(f"activation_checkpointing_every={cfg.activation_checkpointing_every}: "
-                             f"must be >= 1")
         apply_activation_checkpointing(model, every=cfg.activation_checkpointing_every)
     if cfg.compile:
         compile_blocks(model)
@@ -154,13 +154,6 @@ def parallelize(model: nn.Module, mesh: Any, cfg: Any) -> None:
 def materialize(model: nn.Module, device: torch.device, *, cpu_offload: bool = False) -> None:
     """Allocate this rank's shards (uninitialised: the checkpoint fills them next)."""
     model.to_empty(device="cpu" if cpu_offload else device)
-
-
-def sharded_checkpointer(async_save: bool) -> Any:
-    """Step checkpoints every rank writes its own shards of (torch.distributed.checkpoint)."""
-    from tunewright.training.dcp_checkpoint import ShardedCheckpointer
-
-    return ShardedCheckpointer(async_save=async_save)
 
 
 def check_nf4_shardable(model: nn.Module, mesh: Any) -> None:

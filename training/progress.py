@@ -1,4 +1,5 @@
-"""A tqdm progress bar with loss, tokens/s and ETA; a silent stand-in on other ranks."""
+"""A tqdm progress bar over optimizer steps (ETA) with the last logged loss and tokens/s; a
+silent stand-in on other ranks."""
 
 from __future__ import annotations
 
@@ -17,10 +18,14 @@ class _Bar:
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                              file=sys.stderr, disable=None)  # None: off when not a terminal
 
-    def update(self, *, loss: float, tokens_per_second: float) -> None:
+    def advance(self) -> None:
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
             self._bar.update(1)
+
+    def show(self, **postfix: str) -> None:
+        """Values shown beside the bar until the next call (e.g. loss, tok_s)."""
+        if self._bar is not None:
+            self._bar.set_postfix(postfix, refresh=False)
 
     def log(self, line: str) -> None:
         if not self.enabled:
@@ -33,6 +38,7 @@ class _Bar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
 
 
 def progress_bar(*, total: int, initial: int = 0, enabled: bool = True, show_bar: bool = True) -> _Bar:

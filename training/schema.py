@@ -30,6 +30,12 @@ def component(*, supplied: tuple[str, ...] = (), required: bool = False) -> Any:
     return dataclasses.field(default=None, metadata=meta)
 
 
+def needs(key: str, default: Any) -> Any:
+    """A schema field that only means something when `key` is set (not null): setting it
+    without `key` is a `ConfigError`, e.g. `lora_alpha` on a full fine-tune (no `lora_rank`)."""
+    return dataclasses.field(default=default, metadata={"needs": key})
+
+
 def _suggest(key: str, options: list[str]) -> str:
     close = difflib.get_close_matches(key, options, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -156,6 +162,10 @@ def validate(cfg: dict[str, Any], schema: type, source: str) -> None:
             raise ConfigError(
                 f"{source}: key '{name}' must be {_type_name(hints[name])}, got {value!r}"
             )
+        needed = f.metadata.get("needs")
+        if needed is not None and cfg.get(needed) is None:
+            raise ConfigError(f"{source}: key '{name}' needs '{needed}' to be set (it is null); "
+                              f"set {needed} or remove {name}")
 
 
 def build(cfg: dict[str, Any], schema: type) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tunewright.training.schema import component
+from tunewright.training.schema import component, needs
 
 
 @dataclass(kw_only=True)
@@ -50,6 +50,7 @@ class TrainConfig(RunConfig):
 
     compile: bool = False
     enable_activation_checkpointing: bool = False
+    activation_checkpointing_every: int = 1  # with enable_activation_checkpointing: every k-th block
     # Tensors saved for backward wait in pinned CPU memory (CUDA; a no-op on CPU): offload.py
     enable_activation_offloading: bool = False
 
@@ -59,22 +60,25 @@ class TrainConfig(RunConfig):
     save_every_n_steps: int | None = None
     keep_last_n_checkpoints: int | None = 2
     resume_from_checkpoint: bool | str = False  # false | true/auto (latest) | a step directory
-    save_final_model: bool = True  # HF-format weights in <output_dir>/final
+    # The fine-tuned model in Hugging Face format: <output_dir>/final, or with LoRA the model
+    # with its adapters merged in, <output_dir>/merged. null: true for full fine-tuning, false
+    # with LoRA (the adapter is the result; a merged 70B model is 140 GB).
+    save_final_model: bool | None = None
     progress_bar: bool = True
 
 
 @dataclass(kw_only=True)
 class LoRAConfig:
-    """The adapter keys of the LoRA recipes (single device and distributed)."""
+    """The adapter keys of training recipes: `lora_rank` set trains LoRA adapters (only they
+    train), null trains every weight; the other keys need it."""
 
-    lora_targets: list[str] | str = "all-linear"  # q, k, v, o, gate, up, down, output
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-    use_dora: bool = False
+    lora_rank: int | None = None
+    lora_targets: list[str] | str = needs("lora_rank", "all-linear")  # q, k, v, o, gate, up, down, output
+    lora_alpha: float = needs("lora_rank", 16.0)
+    lora_dropout: float = needs("lora_rank", 0.0)
+    use_rslora: bool = needs("lora_rank", False)
+    use_dora: bool = needs("lora_rank", False)
     # gate/up/down of a mixture-of-experts layer: an adapter per expert, one shared, or none
-    lora_experts: Literal["per_expert", "shared"] | None = "per_expert"
-    quantize_base: bool = False  # QLoRA: frozen base weights of adapted layers in NF4
-    save_final_model: bool = False  # the merged model (HF format) in <output_dir>/merged
-    save_adapter: bool = True  # the PEFT adapter in <output_dir>/adapter
+    lora_experts: Literal["per_expert", "shared"] | None = needs("lora_rank", "per_expert")
+    quantize_base: bool = needs("lora_rank", False)  # QLoRA: frozen base weights of adapted layers in NF4
+    save_adapter: bool = needs("lora_rank", True)  # the PEFT adapter in <output_dir>/adapter

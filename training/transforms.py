@@ -29,6 +29,8 @@ def apply_activation_checkpointing(model: nn.Module, *, every: int = 1) -> None:
     The block's `forward` is wrapped on the instance (not the module tree), so parameter names
     stay unchanged.
     """
+    if every < 1:
+        raise ValueError(f"activation_checkpointing_every={every}: must be >= 1")
     for i, block in enumerate(_blocks(model)):
         if i % every == 0:
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)

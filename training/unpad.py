@@ -28,7 +28,8 @@ def _segments(doc_ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 
 def flatten_batch(batch: dict[str, Any]) -> dict[str, Any]:
     """tokens/labels [b, s] (+ input_pos, doc_ids when packed; seq_lens when padded) ->
-    tokens/labels/input_pos [1, T] and `seq_lens`."""
+    tokens/labels/input_pos/row_ids [1, T] and `seq_lens`; `row_ids` is each token's row of the
+    batch (per-row sums, e.g. sequence log-probs, read it)."""
     tokens, labels = batch["tokens"], batch["labels"]
     if "doc_ids" in batch:
         keep, seq_lens = _segments(batch["doc_ids"])
@@ -38,5 +39,6 @@ def flatten_batch(batch: dict[str, Any]) -> dict[str, Any]:
         keep = pos[None, :] < torch.as_tensor(lengths, device=tokens.device)[:, None]
         seq_lens = [int(n) for n in lengths if int(n) > 0]
     input_pos = torch.cat([torch.arange(n, device=tokens.device) for n in seq_lens])
+    rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(tokens)
     return {"tokens": tokens[keep][None], "labels": labels[keep][None], "input_pos": input_pos[None],
-            "seq_lens": seq_lens}
+            "row_ids": rows[keep][None], "seq_lens": seq_lens}

@@ -33,11 +33,30 @@ def suggest(name: str, options: list[str]) -> str:
     return " (did you mean " + " or ".join(f"'{c}'" for c in close) + "?)"
 
 
+# torchtune's recipe names: one `sft` recipe runs full and LoRA fine-tuning on one device or
+# many (the config decides), so these names take users and their configs there.
+ALIASES = {
+    "full_finetune_single_device": "sft", "lora_finetune_single_device": "sft",
+    "full_finetune_distributed": "sft", "lora_finetune_distributed": "sft",
+}
+
+
+def canonical(name: str) -> str:
+    """The recipe a name runs: itself, or what an alias stands for when no recipe has its name."""
+    return name if name in recipes() else ALIASES.get(name, name)
+
+
 def recipes() -> dict[str, Path]:
     """Recipe name -> file; files starting with `_` are helpers, not recipes."""
     folder = ROOT / "recipes"
     files = sorted(folder.glob("*.py")) if folder.is_dir() else []
     return {p.stem: p for p in files if not p.name.startswith("_")}
+
+
+def recipe_names() -> dict[str, Path]:
+    """`recipes()` plus the aliases of those that exist."""
+    found = recipes()
+    return {**{a: found[r] for a, r in ALIASES.items() if r in found}, **found}
 
 
 def configs() -> dict[str, Path]:
@@ -62,9 +81,9 @@ def recipe_of(config_path: Path) -> str | None:
 
 def find_recipe(arg: str) -> tuple[Path, str | None]:
     """A recipe argument -> (file, shipped name or None when it was given as a path)."""
-    shipped = recipes()
+    shipped = recipe_names()
     if arg in shipped:
-        return shipped[arg], arg
+        return shipped[arg], canonical(arg)
     path = Path(arg).expanduser()
     if path.is_file():
         return path.resolve(), None
@@ -103,6 +122,8 @@ def cmd_ls(args) -> int:
     orphans: dict[str, list[str]] = {}
     for name, path in configs().items():
         recipe = recipe_of(path)
+        if recipe not in by_recipe and recipe in ALIASES:
+            recipe = ALIASES[recipe]
         if recipe in by_recipe:
             by_recipe[recipe].append(name)
         else:
@@ -117,11 +138,14 @@ def cmd_ls(args) -> int:
             print(f"{'':<{width}}{name}")
     if not rows:
         print(f"(nothing shipped under {ROOT})")
+    aliased = sorted(a for a, r in ALIASES.items() if r in shipped_recipes and a not in shipped_recipes)
+    if aliased:
+        print(f"\ntorchtune's names run `{ALIASES[aliased[0]]}`: {', '.join(aliased)}")
     return 0
 
 
 def cmd_cp(args) -> int:
-    shipped_recipes, shipped_configs = recipes(), configs()
+    shipped_recipes, shipped_configs = recipe_names(), configs()
     if args.name in shipped_recipes:
         src, suffix = shipped_recipes[args.name], ".py"
     elif args.name in shipped_configs:

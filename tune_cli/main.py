@@ -22,8 +22,9 @@ EPILOG = """\
 examples:
   tune ls
   tune cp llama/tiny_full my_config.yaml
-  tune run full_finetune_single_device --config my_config.yaml epochs=2 ~max_steps
-  tune run --nproc_per_node 2 full_finetune_distributed --config llama/tiny_full
+  tune run sft --config my_config.yaml epochs=2 ~max_steps
+  tune run --nproc_per_node 2 sft --config llama/tiny_full_distributed
+  tune cp sft my_sft.py && tune run my_sft.py --config llama/tiny_lora   # edit the loop
   tune validate my_config.yaml optimizer.lr=1e-4
   tune download HuggingFaceTB/SmolLM2-135M --output-dir ./SmolLM2-135M
   tune quickstart                  # LoRA fine-tune of SmolLM2-135M-Instruct, offline

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunewright.tune_cli.catalog import UsageError, find_config, find_recipe, recipe_of, suggest
+from tunewright.tune_cli.catalog import UsageError, canonical, find_config, find_recipe, recipe_of, suggest
 
 # torchrun flags `tune run` passes through (either spelling, `--flag V` or `--flag=V`). Flags that
 # change how the script is launched (-m, --no-python, --run-path) are left out on purpose.
@@ -115,7 +115,7 @@ def check_recipe_matches(recipe: str, config_path: Path, config_label: str, over
             wanted = item.split("=", 1)[1]
         elif item == "~recipe":
             wanted = None
-    if wanted is not None and wanted != recipe:
+    if wanted is not None and canonical(wanted) != recipe:
         raise UsageError(
             f"config {config_label} is for recipe '{wanted}', not '{recipe}': run "
             f"`tune run {wanted} --config {config_label}`, or add recipe={recipe} if you mean it"

@@ -9,6 +9,7 @@ adapter is frozen. In a mixture-of-experts layer gate/up/down adapt the stacked 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -176,3 +177,26 @@ def merge_lora(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Modu
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block `model` computes as its base model: every LoRA/DoRA layer and expert
+    adapter is skipped. With LoRA this is the reference (or teacher-free KL anchor) of DPO, GRPO
+    and friends at no memory cost: the frozen base is already there.
+
+        with torch.no_grad(), adapters_disabled(policy):
+            ref_logps, _ = sequence_logprobs(policy, batch)
+    """
+    modules = [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAExperts))]
+    if not modules:
+        raise ValueError("adapters_disabled: the model has no adapters (a full fine-tune needs a "
+                         "separate reference model)")
+    before = [m.disabled for m in modules]
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(modules, before):
+            m.disabled = was

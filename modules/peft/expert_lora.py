@@ -85,6 +85,7 @@ class LoRAExperts(Experts):
         self.rank, self.alpha, self.mode, self.use_rslora = rank, alpha, mode, use_rslora
         self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # True: the experts are their base (`adapters_disabled` in apply.py)
         w = base.gate_proj
         self.lora = nn.ModuleDict({
             name: ExpertAdapter(self.num_experts, getattr(base, name).shape[2], getattr(base, name).shape[1],
@@ -94,7 +95,7 @@ class LoRAExperts(Experts):
 
     def project(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         out = grouped_linear(x, getattr(self, name), counts)
-        if name not in self.lora:
+        if name not in self.lora or self.disabled:
             return out
         return out + self.scale * self.lora[name](self.dropout(x), counts).to(out.dtype)
 

@@ -50,6 +50,7 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.magnitude = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype)) if use_dora else None
+        self.disabled = False  # True: the layer is its base (`adapters_disabled` in apply.py)
         if device.type != "meta":
             self.reset_lora_parameters()
 
@@ -77,6 +78,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self._base(x)
+        if self.disabled:
+            return base + self.bias if self.bias is not None else base
         x_lora = self.dropout(x)
         h = self.lora_a(x_lora.to(self.lora_a.weight.dtype))
         if self.magnitude is None and h.dtype == base.dtype:

@@ -1,5 +1,6 @@
-"""A small FSDP2-sharded model trained by the shared `Trainer` with `ShardedCheckpointer`;
-launched by tests/test_dcp_checkpoint.py under torchrun (or as a plain single process).
+"""A small FSDP2-sharded model trained by a recipe-style loop on the `training/` mechanics with
+`ShardedCheckpointer`; launched by tests/test_dcp_checkpoint.py under torchrun (or as a plain
+single process).
 
     torchrun --nproc_per_node 2 dcp_train.py --out DIR [--global-batch 4] [--save-every 2]
         [--stop-after N] [--resume auto] [--async-save] [--optimizer-in-backward]
@@ -27,7 +28,10 @@ from tunewright.training import distributed as dist
 from tunewright.training.dcp_checkpoint import ShardedCheckpointer
 from tunewright.training.lr_schedule import cosine_with_warmup
 from tunewright.training.optim_in_backward import OptimizerInBackward
-from tunewright.training.trainer import Batches, LoopSettings, Trainer
+from tunewright.training.batching import Batches, StepBatches, global_sum, target_count
+from tunewright.training.optim import optimizer_step
+from tunewright.training.run import Run
+from tunewright.training.state import TrainState
 
 DIM, RANK, NUM_SAMPLES = 16, 4, 24
 
@@ -68,7 +72,7 @@ def build_model() -> nn.Module:
         mesh = init_device_mesh("cpu", (dist.world_size(),))
         for module in (*model.layers, model):
             fully_shard(module, mesh=mesh)
-            # The trainer divides by the global target count: ranks' gradients are summed.
+            # The loop divides by the global target count: ranks' gradients are summed.
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
     return model
@@ -88,10 +92,6 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     return (model(batch["x"]) - batch["labels"]).square().sum(), batch["labels"].numel()
-
-
-class Stop(Exception):
-    pass
 
 
 def main() -> None:
@@ -117,30 +117,29 @@ def main() -> None:
     data = dataset()
     batch_size = args.global_batch // dist.world_size()
     sampler = ResumableSampler(len(data), seed=3, rank=dist.rank(), world_size=dist.world_size())
-    settings = LoopSettings(
-        output_dir=args.out, batch_size=batch_size, epochs=2, max_steps=args.max_steps,
-        save_every_n_steps=args.save_every, resume_from_checkpoint=args.resume, progress_bar=False,
-        clip_grad_norm=None if args.optimizer_in_backward else 1.0,
-    )
+    steps = StepBatches(Batches(data, sampler, batch_size, collate), epochs=2, max_steps=args.max_steps)
+    scheduler = cosine_with_warmup(optimizer, num_training_steps=steps.total_steps, num_warmup_steps=2)
+    state = TrainState(model=model, optimizer=optimizer, lr_scheduler=scheduler, data=steps)
     checkpointer = ShardedCheckpointer(async_save=args.async_save)
-    trainer = Trainer(settings, model=model, optimizer=optimizer, loss_fn=loss_fn,
-                      train_batches=Batches(data, sampler, batch_size, collate), checkpointer=checkpointer)
-    trainer.lr_scheduler = cosine_with_warmup(optimizer, num_training_steps=trainer.total_steps,
-                                              num_warmup_steps=2)
-    if args.stop_after is not None:  # a run that ends early but keeps the full run's schedule
-        real_step, calls = trainer.train_step, [0]
-
-        def train_step(micro):
-            calls[0] += 1
-            if calls[0] > args.stop_after:
-                raise Stop
-            return real_step(micro)
-
-        trainer.train_step = train_step
-    try:
-        trainer.fit()
-    except Stop:
-        checkpointer.wait()
+    run = Run(args.out, resume_from_checkpoint=args.resume, checkpointer=checkpointer, progress_bar=False)
+    run.resume(state)
+    clip = None if args.optimizer_in_backward else 1.0
+    for launch_step, _ in enumerate(run.steps(steps.total_steps), start=1):
+        if args.stop_after is not None and launch_step > args.stop_after:
+            checkpointer.wait()  # a run that ends early but keeps the full run's schedule
+            break
+        micro_batches = steps.next()
+        num_targets = target_count(micro_batches, device="cpu")
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for batch in micro_batches:
+            loss, _ = loss_fn(model, batch)
+            (loss / num_targets).backward()
+            loss_sum += loss.detach()
+        optimizer_step(optimizer, clip_grad_norm=clip, lr_scheduler=scheduler)
+        run.log(loss=global_sum(loss_sum) / num_targets)
+        if run.due(args.save_every):
+            run.save(state)
+    run.close()
     if dist.is_distributed():
         torch_dist.destroy_process_group()
 

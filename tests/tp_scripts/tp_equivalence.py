@@ -29,7 +29,7 @@ from tunewright.models.builder import init_weights
 from tunewright.models.pretrained import build_model
 from tunewright.modules.peft.apply import apply_lora, lora_modules
 from tunewright.training.tensor_parallel import apply_tensor_parallel
-from tunewright.training.trainer import causal_lm_loss
+from tunewright.training.objectives import causal_lm_loss
 
 LLAMA = ModelArgs(family="llama", vocab_size=64, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   intermediate_dim=128)

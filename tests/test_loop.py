@@ -1,4 +1,5 @@
-"""The shared training core: accumulation equals a larger batch; a transform keeps the maths."""
+"""The loop's mechanics (`training/batching.py`, `optim.py`, `objectives.py`): accumulation
+equals a larger batch; padding-free and packed batches keep the maths; a transform keeps it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from tunewright.data.sampler import ResumableSampler
 from tunewright.models.args import ModelArgs
 from tunewright.models.builder import init_weights
 from tunewright.models.pretrained import build_model
-from tunewright.training.trainer import Batches, LoopSettings, Trainer, causal_lm_loss
+from tunewright.training.batching import Batches, StepBatches, target_count
+from tunewright.training.objectives import causal_lm_loss
+from tunewright.training.optim import optimizer_step
 from tunewright.training.transforms import apply_activation_checkpointing
 
 ARGS = ModelArgs(family="llama", vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -36,24 +39,30 @@ def items(lengths: list[int]) -> list[dict]:
     return out
 
 
-def run_one_step(data: list[dict], *, batch_size: int, accum: int, tmp_path) -> torch.nn.Module:
+def run_one_step(data: list[dict], *, batch_size: int, accum: int) -> torch.nn.Module:
+    """One optimizer step as a recipe's loop takes it: each micro-batch's summed loss divided by
+    the targets of the whole step."""
     model = tiny_model()
     sampler = ResumableSampler(len(data), shuffle=False)
-    batches = Batches(data, sampler, batch_size, lambda b: collate_padded(b, pad_id=0))
-    settings = LoopSettings(output_dir=str(tmp_path), batch_size=batch_size, max_steps=1,
-                            gradient_accumulation_steps=accum, clip_grad_norm=None, progress_bar=False)
+    steps = StepBatches(Batches(data, sampler, batch_size, lambda b: collate_padded(b, pad_id=0)),
+                        gradient_accumulation_steps=accum, max_steps=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    trainer = Trainer(settings, model=model, optimizer=optimizer, train_batches=batches,
-                      loss_fn=causal_lm_loss)
-    history = trainer.fit()
-    model.last_loss = history[0]["loss"]
+    micro_batches = steps.next()
+    num_targets = target_count(micro_batches, device="cpu")
+    loss_sum = 0.0
+    for batch in micro_batches:
+        loss, _ = causal_lm_loss(model, batch)
+        (loss / num_targets).backward()
+        loss_sum += loss.item()
+    optimizer_step(optimizer)
+    model.last_loss = loss_sum / num_targets.item()
     return model
 
 
-def test_gradient_accumulation_equals_larger_batch(tmp_path):
+def test_gradient_accumulation_equals_larger_batch():
     data = items([9, 17, 5, 12])  # rows of different lengths and target counts
-    accumulated = run_one_step(data, batch_size=2, accum=2, tmp_path=tmp_path / "a")
-    large = run_one_step(data, batch_size=4, accum=1, tmp_path=tmp_path / "b")
+    accumulated = run_one_step(data, batch_size=2, accum=2)
+    large = run_one_step(data, batch_size=4, accum=1)
     assert accumulated.last_loss == pytest.approx(large.last_loss, abs=1e-6)
     for (name, p), q in zip(accumulated.named_parameters(), large.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name

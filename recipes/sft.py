@@ -1,0 +1,116 @@
+"""Supervised fine-tuning: next-token cross-entropy on the target tokens of every row.
+
+    tune run sft --config llama/tiny_full                         # every weight trains
+    tune run sft --config llama/tiny_lora                         # LoRA / DoRA / QLoRA adapters
+    tune run --nproc_per_node 8 sft --config llama3_1/8B_full_distributed    # FSDP2 (+ TP)
+
+torchtune's recipe names (`full_finetune_single_device`, `lora_finetune_single_device`,
+`full_finetune_distributed`, `lora_finetune_distributed`) run this file too. `lora_rank` set
+trains adapters, unset trains every weight; under torchrun (or with `distributed: true`) the
+model is sharded with FSDP2.
+
+The file is the algorithm, top to bottom: set-up, model, data, the loop (forward, loss,
+backward, optimizer step, logging, evaluation, checkpoints), export. Every mechanical line is
+one call into `tunewright.training`. Copy it (`tune cp sft my_sft.py`, then
+`tune run my_sft.py --config ...`) to change the loss, log a metric, add a model or a phase:
+see the README's "Change the algorithm".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunewright.training.entry import recipe_main
+from tunewright.training.parallel import ParallelConfig
+from tunewright.training.train_config import LoRAConfig, TrainConfig
+
+
+@dataclass(kw_only=True)
+class Config(TrainConfig, LoRAConfig, ParallelConfig):
+    # Step each weight as soon as its gradient is ready and free that gradient: full gradients
+    # never exist at once. Needs gradient_accumulation_steps: 1 and clip_grad_norm: null.
+    optimizer_in_backward: bool = False
+
+
+def main(cfg: Config) -> list[dict]:
+    # Imported here, not at the top: `tune validate` and torchrun's config check read `Config`
+    # without loading torch.
+    from functools import partial
+
+    import torch
+
+    from tunewright.training.batching import StepBatches, global_sum, target_count, to_device, token_counts
+    from tunewright.training.data_setup import build_data
+    from tunewright.training.instantiate import instantiate
+    from tunewright.training.lora_setup import add_lora, peft_adapter_ok
+    from tunewright.training.objectives import causal_lm_loss, evaluate_loss
+    from tunewright.training.offload import activation_offloading
+    from tunewright.training.optim import build_optimizer, optimizer_step
+    from tunewright.training.optim_in_backward import check_optimizer_in_backward
+    from tunewright.training.placement import Placement
+    from tunewright.training.run import Run
+    from tunewright.training.setup import seed_everything
+    from tunewright.training.state import TrainState
+
+    # ------------------------------------------------------------------ set-up
+    if cfg.optimizer_in_backward:
+        check_optimizer_in_backward(cfg)
+    seed_everything(cfg.seed)
+    with Placement(cfg) as place:  # this device, or FSDP2 shards over torchrun's processes
+        run = Run.from_config(cfg, checkpointer=place.checkpointer())
+        device = place.device
+
+        # -------------------------------------------------------------- model (+ LoRA adapters)
+        lora = cfg.lora_rank is not None
+        model = place.load_model(cfg.model, adapt=partial(add_lora, cfg=cfg) if lora else None,
+                                 quantize_base=lora and cfg.quantize_base)
+        write_adapter = lora and peft_adapter_ok(model, cfg)
+
+        # -------------------------------------------------------------- data, optimizer, schedule
+        _, train, val = build_data(cfg)
+        data = StepBatches(train, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                           epochs=cfg.epochs, max_steps_per_epoch=cfg.max_steps_per_epoch,
+                           max_steps=cfg.max_steps)
+        optimizer = build_optimizer(cfg.optimizer, model, in_backward=cfg.optimizer_in_backward)
+        scheduler = instantiate(cfg.lr_scheduler, optimizer=optimizer, num_training_steps=data.total_steps)
+        state = TrainState(model=model, optimizer=optimizer, lr_scheduler=scheduler, data=data)
+        run.resume(state)
+        loss_fn = partial(causal_lm_loss, chunk_size=cfg.loss_chunk_size, padding_free=cfg.padding_free)
+        export = place.adapter_export(model) if write_adapter else None  # into each checkpoint
+
+        # -------------------------------------------------------------- the loop
+        model.train()
+        for step in run.steps(data.total_steps):
+            micro_batches = data.next()
+            num_targets = target_count(micro_batches, device=device)  # this step's, on every rank
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for batch in micro_batches:
+                with activation_offloading(cfg.enable_activation_offloading):
+                    loss, _ = loss_fn(model, to_device(batch, device))  # summed over the targets
+                (loss / num_targets).backward()
+                loss_sum += loss.detach()
+            grad_norm, lr = optimizer_step(optimizer, clip_grad_norm=cfg.clip_grad_norm,
+                                           lr_scheduler=scheduler)
+
+            if run.due(cfg.log_every_n_steps, final=True):
+                run.log(loss=global_sum(loss_sum) / num_targets, lr=lr, grad_norm=grad_norm,
+                        epoch=data.epoch, num_targets=num_targets.long(),
+                        **token_counts(micro_batches, padding_free=cfg.padding_free))
+            if val is not None and run.due(cfg.eval_every_n_steps, final=True):
+                held_out = evaluate_loss(model, val, loss_fn, device=device, max_batches=cfg.max_eval_batches)
+                run.log(val_loss=held_out.loss)
+            if run.due(cfg.save_every_n_steps):
+                run.save(state, export=export)
+
+        # -------------------------------------------------------------- export
+        save_final = cfg.save_final_model if cfg.save_final_model is not None else not lora
+        if write_adapter and cfg.save_adapter:
+            place.save_adapter(model, run.output_dir / "adapter")
+        if save_final:
+            place.save_model(model, run.output_dir / ("merged" if lora else "final"), merge=lora)
+        run.close()
+        return run.history
+
+
+if __name__ == "__main__":
+    recipe_main(__file__)
