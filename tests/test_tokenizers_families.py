@@ -16,29 +16,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tok_assets import (
-    FAMILY_SAMPLE,
-    byte_level_tokenizer_dir,
-    package_file,
-    quicktok_ranks,
-    quicktok_tokenizer_json,
-    sentencepiece_vocab_merges,
-    write_tiktoken_file,
-)
+import tok_assets
+from tok_assets import MISTRAL_V1 as V1
+from tok_assets import MISTRAL_V3 as V3
+from tok_assets import FAMILY_SAMPLE, byte_level_tokenizer_dir, llama_reference, package_file, write_json
 
 from tunewright.data.tokenizer import load_tokenizer
-from tunewright.data.tokenizer.bpe import LLAMA3_PATTERN
 from tunewright.data.tokenizer.chat import NAMED_TEMPLATES
 
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
-QWEN_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
-V1, V3 = "data/tokenizer.model.v1", "data/mistral_instruct_tokenizer_240323.model.v3"
-# Phi-3-mini-4k-instruct's added tokens (ids 32000-32010) and their rstrip flags.
-PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", *[f"<|placeholder{i}|>" for i in range(1, 5)], "<|system|>",
-              "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
-GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 CONVERSATION = [
     {"role": "system", "content": "You are terse. Answer in one line."},
     {"role": "user", "content": "What is 12345 * 3?"},
@@ -62,10 +50,6 @@ def loaded(directory: Path, chat_template: str | None = None):
     return _LOADED[key]
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, ensure_ascii=False))
-
-
 def assert_same_ids(ours, reference, texts) -> None:
     for text in texts:
         assert ours.encode(text) == reference(text), repr(text)
@@ -77,137 +61,57 @@ def assert_round_trips_where_reference_does(ours, ref_encode, ref_decode, texts)
             assert ours.decode(ours.encode(text)) == text, repr(text)
 
 
-# -- assets -----------------------------------------------------------------------------------
+# -- assets (built in tok_assets.py, shared with test_chat_masks.py) --------------------------
 
 
 @pytest.fixture(scope="module")
-def qwen_json() -> Path:
-    return quicktok_tokenizer_json("qwen3", QWEN_PATTERN, nfc=True)
+def qwen_dir(tmp_path_factory) -> Path:
+    return tok_assets.qwen_dir(tmp_path_factory.mktemp("qwen2_5"))
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory, qwen_json) -> Path:
-    """A Qwen2.5-Instruct directory minus its chat template: config.json says qwen2."""
-    directory = tmp_path_factory.mktemp("qwen2_5")
-    shutil.copy(qwen_json, directory / "tokenizer.json")
-    write_json(directory / "tokenizer_config.json", {"bos_token": None, "eos_token": "<|im_end|>",
-                                                     "pad_token": "<|endoftext|>"})
-    write_json(directory / "config.json", {"model_type": "qwen2"})
-    return directory
-
-
-@pytest.fixture(scope="module")
-def qwen_ref(qwen_json):
-    """transformers' Qwen2Tokenizer on the same vocabulary: its own pre-tokenizer regex and NFC."""
-    data = json.loads(qwen_json.read_text())
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]]
-    ref = transformers.Qwen2Tokenizer(vocab=data["model"]["vocab"], merges=merges)  # adds <|endoftext|>
-    ref.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    ref.eos_token = "<|im_end|>"  # Qwen2.5-Instruct's
-    return ref
+def qwen_ref():
+    return tok_assets.qwen_reference()
 
 
 @pytest.fixture(scope="module")
 def llama3_dir(tmp_path_factory) -> Path:
-    """Llama-3 as Meta ships it: a tiktoken ranks file named tokenizer.model."""
-    directory = tmp_path_factory.mktemp("llama3")
-    write_tiktoken_file(quicktok_ranks("llama3"), directory / "tokenizer.model")
-    write_json(directory / "config.json", {"model_type": "llama"})
-    return directory
+    return tok_assets.llama3_dir(tmp_path_factory.mktemp("llama3"))
 
 
 @pytest.fixture(scope="module")
 def llama3_ref():
-    names = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
-    path = quicktok_tokenizer_json("llama3", LLAMA3_PATTERN, nfc=False)
-    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), **names)
-
-
-def sentencepiece_controls(model_file: Path) -> list[str]:
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-    return [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)]
-
-
-def llama_reference(model_file: Path, *, legacy: bool, added: list[tuple[str, dict]] = ()):
-    """An HF tokenizer of a SentencePiece BPE model. legacy=False is transformers' own
-    LlamaTokenizer (Metaspace, prepend_scheme "first", as Mistral-v0.3's tokenizer.json);
-    legacy=True the Prepend/Replace normaliser of Llama-2's and Mistral-v0.1's tokenizer.json."""
-    from tokenizers import AddedToken, decoders, models, normalizers
-
-    vocab, merges = sentencepiece_vocab_merges(model_file)
-    names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    if legacy:
-        model = models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True)
-        tok = tokenizers.Tokenizer(model)
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-        ref = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **names)
-    else:
-        ref = transformers.LlamaTokenizer(vocab=vocab, merges=merges, legacy=False, **names)
-    specials = [AddedToken(t, normalized=False, special=True) for t in sentencepiece_controls(model_file)]
-    ref._tokenizer.add_special_tokens(specials)
-    for content, flags in added:  # in id order: each gets the next id
-        ref._tokenizer.add_special_tokens([AddedToken(content, normalized=False, special=True, **flags)])
-    return ref
+    return tok_assets.llama3_reference()
 
 
 @pytest.fixture(scope="module")
 def mistral_v3_dir(tmp_path_factory) -> Path:
-    """Mistral-7B-Instruct-v0.3: tokenizer.model and a non-legacy tokenizer_config."""
-    directory = tmp_path_factory.mktemp("mistral_v3")
-    shutil.copy(package_file("mistral_common", V3), directory / "tokenizer.model")
-    write_json(directory / "tokenizer_config.json", {"legacy": False, "bos_token": "<s>", "eos_token": "</s>"})
-    write_json(directory / "config.json", {"model_type": "mistral"})
-    return directory
+    return tok_assets.mistral_v3_dir(tmp_path_factory.mktemp("mistral_v3"))
 
 
 @pytest.fixture(scope="module")
 def mistral_v3_ref():
-    return llama_reference(package_file("mistral_common", V3), legacy=False)
-
-
-PHI3_FLAGS = {t: {"rstrip": t != "<|endoftext|>", "lstrip": False} for t in PHI3_ADDED}
+    return tok_assets.mistral_v3_reference()
 
 
 @pytest.fixture(scope="module")
 def phi3_dir(tmp_path_factory) -> Path:
-    """Phi-3-mini's layout: a Llama-2-kind tokenizer.model plus added tokens, with their
-    rstrip flags, listed in tokenizer_config.json."""
-    directory = tmp_path_factory.mktemp("phi3")
-    shutil.copy(package_file("mistral_common", V1), directory / "tokenizer.model")
-    entry = {"special": True, "normalized": False, "single_word": False}
-    added = {str(32000 + i): {"content": t, **entry, **PHI3_FLAGS[t]} for i, t in enumerate(PHI3_ADDED)}
-    config = {"bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-              "unk_token": "<unk>", "added_tokens_decoder": added}
-    write_json(directory / "tokenizer_config.json", config)
-    write_json(directory / "config.json", {"model_type": "phi3"})
-    return directory
+    return tok_assets.phi3_dir(tmp_path_factory.mktemp("phi3"))
 
 
 @pytest.fixture(scope="module")
 def phi3_ref():
-    ref = llama_reference(package_file("mistral_common", V1), legacy=True,
-                          added=[(t, PHI3_FLAGS[t]) for t in PHI3_ADDED])
-    ref.eos_token = "<|endoftext|>"
-    return ref
+    return tok_assets.phi3_reference()
 
 
 @pytest.fixture(scope="module")
 def gemma_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("gemma")
-    config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
-              "tokenizer_class": "PreTrainedTokenizerFast"}
-    byte_level_tokenizer_dir(directory, GEMMA_SPECIALS, config=config)
-    write_json(directory / "config.json", {"model_type": "gemma3_text"})
-    return directory
+    return tok_assets.gemma_dir(tmp_path_factory.mktemp("gemma"))
 
 
 @pytest.fixture(scope="module")
 def gemma_ref(gemma_dir):
-    names = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
-    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(gemma_dir / "tokenizer.json"), **names)
+    return tok_assets.gemma_reference(gemma_dir)
 
 
 # -- tokenizer ids ----------------------------------------------------------------------------

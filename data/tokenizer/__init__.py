@@ -6,6 +6,7 @@
     added.py          AddedTokens: added/special tokens found in text as HF does (lstrip/rstrip)
     sentencepiece.py  SentencePieceTokenizer (Llama-2, Mistral tokenizer.model)
     chat.py           ChatFormat: chat templates rendered as transformers does, assistant masks
+    turns.py          where each assistant turn lies in the rendered text (marks, no search)
     templates/        the families' published Jinja chat templates, by name (see its README)
 
 `load_tokenizer` picks the engine from the files of a model directory. Nothing here is imported
@@ -33,7 +34,8 @@ def load_tokenizer(
     """The tokenizer stored at `path`: a model directory or one tokenizer file.
 
     In a directory the engine comes from the first of `tokenizer.json` (byte-level BPE),
-    `vocab.json` + `merges.txt`, `tokenizer.model` (a SentencePiece model or a tiktoken ranks
+    `vocab.json` + `merges.txt` (split as its tokenizer class does: Qwen2Tokenizer's regex and
+    NFC, else GPT-2's), `tokenizer.model` (a SentencePiece model or a tiktoken ranks
     file like Llama-3's; a SentencePiece-style `tokenizer.json` defers to it). bos/eos/pad and
     the chat template come from `tokenizer_config.json`, `special_tokens_map.json`,
     `chat_template.jinja` and `generation_config.json` beside it, whose eos ids also stop
@@ -111,7 +113,10 @@ def _engine(path: Path, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         vocab_ids = json.loads(vocab.read_text(encoding="utf-8"))
         names = [config[role] for role in ("bos", "eos", "pad", "unk")]
         named = {name: vocab_ids[name] for name in names if name in vocab_ids}
-        kwargs = hf_bpe.read_vocab_merges(vocab, merges, {**named, **config["added"]})
+        kwargs = hf_bpe.read_vocab_merges(
+            vocab, merges, {**named, **config["added"]},
+            tokenizer_class=config["tokenizer_class"], model_type=config["model_type"],
+        )
         return BPETokenizer, {**kwargs, **config_special}
     if model_file and model_file.is_file():
         if _is_tiktoken_file(model_file):
@@ -151,6 +156,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
     out["added_flags"] = flags_of(added.values())
     out["special_ids"] = [int(k) for k, v in added.items() if v.get("special", True)]
     out["legacy"] = tok_cfg.get("legacy")
+    out["tokenizer_class"] = tok_cfg.get("tokenizer_class")
     out["model_type"] = _read_json(directory / "config.json").get("model_type")
     eos_ids = gen_cfg.get("eos_token_id")
     out["eos_ids"] = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])

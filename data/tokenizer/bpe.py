@@ -28,6 +28,8 @@ LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# transformers' Qwen2Tokenizer (Qwen2/2.5/3) regex: Llama-3's with single digits.
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 # GPT-2's regex: what an HF `ByteLevel(use_regex=True)` pre-tokenizer applies.
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # Names of end-of-generation tokens we know across families.
@@ -185,11 +187,13 @@ class BPETokenizer:
         return cls(**read_tokenizer_json(path), **kwargs)
 
     @classmethod
-    def from_vocab_merges(cls, vocab_path: str | Path, merges_path: str | Path, **kwargs) -> BPETokenizer:
-        """GPT-2 style `vocab.json` + `merges.txt`, split with GPT-2's regex."""
+    def from_vocab_merges(
+        cls, vocab_path: str | Path, merges_path: str | Path, *, tokenizer_class: str | None = None, **kwargs
+    ) -> BPETokenizer:
+        """`vocab.json` + `merges.txt`, split as `tokenizer_class` does (see `hf_bpe.read_vocab_merges`)."""
         from tunewright.data.tokenizer.hf_bpe import read_vocab_merges
 
-        return cls(**read_vocab_merges(vocab_path, merges_path), **kwargs)
+        return cls(**read_vocab_merges(vocab_path, merges_path, tokenizer_class=tokenizer_class), **kwargs)
 
     # -- Tokenizer protocol ------------------------------------------------------------------
 

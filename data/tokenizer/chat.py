@@ -2,14 +2,16 @@
 
 Rendering copies transformers' `apply_chat_template` (same sandboxed Jinja environment and
 globals), and the ids are those of the whole rendered string tokenized in one go, so they equal
-`apply_chat_template(messages, tokenize=True)`. Families without a template of their own use one
-of `NAMED_TEMPLATES`, written as the Jinja templates those families publish.
+`apply_chat_template(messages, tokenize=True)`, runs of spaces under a SentencePiece-style
+tokenizer.json that splits them aside (see `sentencepiece.py`). Families without a template of
+their own use one of `NAMED_TEMPLATES`, written as the Jinja templates those families publish.
 
-The mask is True on each assistant message's content and its end-of-turn marker. Its character
-span is found by rendering prefixes of the conversation: the text the template adds for message
-k, minus the generation prompt, is that turn. Templates that say it themselves with
-`{% generation %}` blocks are trusted instead; templates whose earlier turns change once later
-ones exist (Qwen3 drops old reasoning) fall back to finding the content in the rendered text.
+The mask is True on each token that overlaps an assistant turn: the reply and its end-of-turn
+marker, as `return_assistant_tokens_mask` gives for `{% generation %}` blocks around them.
+Templates with such blocks are trusted; for the others `turns.py` carries marks through the
+template to find each turn, never searching the text for the reply. One difference from
+transformers is deliberate: whitespace an rstrip token swallows (Phi-3's `<|assistant|>` takes
+a reply's leading newlines) belongs to no token here, so that header is never trained on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+
+from tunewright.data.tokenizer.turns import turn_spans
 
 if TYPE_CHECKING:
     from tunewright.data.tokenizer.base import Message
@@ -64,89 +68,44 @@ class ChatFormat:
         return [vocab[t] for t in END_OF_TURN_TOKENS if t in self.template and t in vocab]
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
-        return self.render_with_spans(messages, add_generation_prompt=add_generation_prompt)[0]
+        template = _compile(self.template)
+        return template.render(**self._arguments(_as_transformers_passes(messages), add_generation_prompt))
 
     def render_with_spans(
         self, messages: Sequence[Message], *, add_generation_prompt: bool = False
     ) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the [start, end) character span of each assistant turn."""
         template = _compile(self.template)
-        # As transformers: keys set to None are dropped, and tools/documents are passed as None.
-        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        kwargs = {"tools": None, "documents": None, **self.template_vars}
-        kwargs["add_generation_prompt"] = add_generation_prompt
+        messages = _as_transformers_passes(messages)
+        kwargs = self._arguments(messages, add_generation_prompt)
         if _GENERATION_TAG.search(self.template):
             blocks: list[str] = []
             spans: list[tuple[int, int]] = []
             token = _TRACKING.set((blocks, spans))
             try:
-                blocks.extend(template.generate(messages=messages, **kwargs))
+                blocks.extend(template.generate(**kwargs))
             finally:
                 _TRACKING.reset(token)
             return "".join(blocks), spans
-        text = template.render(messages=messages, **kwargs)
-        return text, self._prefix_spans(text, messages, kwargs)
-
-    def _prefix_spans(self, text: str, messages: list[dict], kwargs: dict) -> list[tuple[int, int]]:
-        template = _compile(self.template)
-
-        def render(prefix: list[dict], prompt: bool) -> str:
-            return template.render(**kwargs | {"messages": prefix, "add_generation_prompt": prompt})
-
-        spans = []
-        cursor = 0
-        for k, message in enumerate(messages):
-            if message.get("role") != "assistant":
-                continue
-            try:
-                before, through = render(messages[:k], True), render(messages[: k + 1], False)
-                rendered = True
-            except Exception:  # a template may refuse a prefix (e.g. one that must end with a user turn)
-                before, through, rendered = "", "", False
-            is_prefix = rendered and text.startswith(before) and text.startswith(through)
-            if is_prefix and len(through) > len(before):
-                start, end = len(before), len(through)
-                end = self._cut_after_marker(text, message, start, end)
-            else:
-                start, end = self._find_content(text, message, max(cursor, _common_prefix(before, text)))
-            # Whitespace after the end-of-turn marker only separates turns: not trained on.
-            end = start + len(text[start:end].rstrip())
-            spans.append((start, end))
-            cursor = end
-        return spans
-
-    def _find_content(self, text: str, message: dict, cursor: int) -> tuple[int, int]:
-        content = str(message.get("content") or "").strip()
-        start = text.find(content, cursor)
-        if not content or start < 0:
-            raise ValueError("chat template rewrites assistant content; cannot tell which tokens to train on")
-        end = start + len(content)
-        for marker in self._markers():
-            if text.startswith(marker, end):
-                end += len(marker)
-                break
-        return start, end
+        text = template.render(**kwargs)
+        spans = turn_spans(lambda m, prompt: template.render(**self._arguments(m, prompt)), messages, text,
+                           self._markers(), add_generation_prompt=add_generation_prompt)
+        return text, spans
 
     def _markers(self) -> list[str]:
         """The end-of-turn markers this template writes (its eos_token among them)."""
         markers = [t for t in END_OF_TURN_TOKENS if t in self.template]
         return markers + ([self.template_vars["eos_token"]] if self.template_vars.get("eos_token") else [])
 
-    def _cut_after_marker(self, text: str, message: dict, start: int, end: int) -> int:
-        """End an assistant turn at its first end-of-turn marker after the content.
+    def _arguments(self, messages: list[dict], add_generation_prompt: bool) -> dict[str, Any]:
+        # As transformers: tools/documents are passed as None, then the tokenizer's variables.
+        return {"tools": None, "documents": None, **self.template_vars,
+                "messages": messages, "add_generation_prompt": add_generation_prompt}
 
-        What a template adds with the last turn can go past it: Phi-3 ends the conversation
-        with eos after `<|end|>`, which is not part of the reply.
-        """
-        content = str(message.get("content") or "").strip()
-        at = text.find(content, start, end) if content else -1
-        after = at + len(content) if at >= 0 else start
-        found = [(text.find(m, after, end), m) for m in self._markers()]
-        found = [(pos, m) for pos, m in found if pos >= 0]
-        if not found:
-            return end
-        pos, marker = min(found)
-        return pos + len(marker)
+
+def _as_transformers_passes(messages: Sequence[Message]) -> list[dict]:
+    # As transformers: keys set to None are dropped.
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
 def tokenize_messages(
@@ -196,15 +155,6 @@ def char_spans(text: str, byte_lengths: Sequence[int]) -> list[tuple[int, int]]:
         spans.append((char_of_byte[pos], char_of_byte[end - 1] + 1 if length else char_of_byte[pos]))
         pos = end
     return spans
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # -- the Jinja environment, as transformers builds it ----------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunewright.data.tokenizer.added import flags_of
-from tunewright.data.tokenizer.bpe import GPT2_PATTERN
+from tunewright.data.tokenizer.bpe import GPT2_PATTERN, QWEN2_PATTERN
 
 # After an HF `Digits` split the GPT-2 regex runs on digit-free pieces: digits become their
 # own alternative and the end-of-piece lookahead `(?!\S)` must also stop before a digit.
@@ -79,7 +79,8 @@ def sentencepiece_prefix(data: dict[str, Any], path: str | Path) -> str:
     "legacy": in front of every piece of text between added tokens (a `Prepend` normaliser, as
     SentencePiece itself does); otherwise its `Metaspace` pre-tokenizer's prepend scheme:
     "first" (only the text at the very start), "always" or "never", each skipped when the
-    text already starts with a space.
+    text already starts with a space. Its `split` is not followed: runs of spaces are encoded as
+    SentencePiece does (see `sentencepiece.py`).
     """
     normalizers = _steps(data.get("normalizer"), "normalizers")
     if any(n.get("type") == "Prepend" for n in normalizers):
@@ -102,9 +103,20 @@ def _steps(node: dict | None, key: str) -> list[dict]:
 
 
 def read_vocab_merges(
-    vocab_path: str | Path, merges_path: str | Path, added_tokens: dict[str, int] | None = None
+    vocab_path: str | Path,
+    merges_path: str | Path,
+    added_tokens: dict[str, int] | None = None,
+    *,
+    tokenizer_class: str | None = None,
+    model_type: str | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments of `BPETokenizer` for GPT-2 style `vocab.json` + `merges.txt`."""
+    """Keyword arguments of `BPETokenizer` for `vocab.json` + `merges.txt`.
+
+    These files hold no pre-tokenizer or normaliser: transformers takes them from the tokenizer
+    class (tokenizer_config.json `tokenizer_class`, else the one it maps `model_type` to).
+    Qwen2Tokenizer, which Qwen2/2.5/3 use, splits with its own regex and NFC-normalises; the
+    others we accept are GPT-2's regex alone.
+    """
     vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
     merges = []
     for line in Path(merges_path).read_text(encoding="utf-8").splitlines():
@@ -112,6 +124,12 @@ def read_vocab_merges(
             left, _, right = line.partition(" ")
             merges.append((left, right))
     kwargs = convert_vocab(vocab, merges, dict(added_tokens or {}), merges_path)
+    if tokenizer_class is not None:
+        qwen = tokenizer_class.removesuffix("Fast") == "Qwen2Tokenizer"
+    else:  # transformers maps every qwen2*/qwen3* model type to Qwen2Tokenizer
+        qwen = (model_type or "").startswith(("qwen2", "qwen3"))
+    if qwen:
+        return {**kwargs, "pattern": QWEN2_PATTERN, "normalization": "NFC"}
     return {**kwargs, "pattern": GPT2_PATTERN}
 
 

@@ -11,6 +11,12 @@ space goes is `prefix`:
   the text at the very start, so `[INST] hi` is `[INST]`, `▁hi`, what mistral-common gives;
 - "always" / "never": every piece / none; these and "first" skip it when the text already
   starts with a space.
+
+A run of spaces stays one piece to SentencePiece ("a   b" is ▁a ▁▁ ▁b), as mistral-common
+encodes it. An HF `tokenizer.json` whose Metaspace pre-tokenizer splits at spaces (`split:
+true`, also what a file without that key means) gives ▁a ▁ ▁ ▁b: with such a file our ids
+follow SentencePiece, so they can differ from transformers' where the text holds two spaces in
+a row.
 """
 
 from __future__ import annotations
@@ -133,7 +139,8 @@ class SentencePieceTokenizer:
             processor = self._processor(text, start, end)
             piece_ids = processor.encode(text[start:end])
             ids += piece_ids
-            piece_spans = self._piece_spans(text[start:end], piece_ids, processor is not self._bare)
+            # In legacy mode `_bare` is `_sp`: whether a "▁" was prepended is which model encoded.
+            piece_spans = self._piece_spans(text[start:end], piece_ids, processor is self._sp)
             spans += [(start + s, start + e) for s, e in piece_spans]
         return ids, spans
 
