@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunewright.modules.attend import Layout
 from tunewright.modules.attention import Attention
 from tunewright.modules.kv_cache import KVCache
 from tunewright.modules.rope import RotaryEmbedding
@@ -40,12 +41,8 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = post_attn_norm
         self.post_mlp_norm = post_mlp_norm
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-        mask: torch.Tensor | None = None, cache_pos: int | None = None,
-        seq_lens: Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), cos, sin, mask=mask, cache_pos=cache_pos, seq_lens=seq_lens)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, layout: Layout) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), cos, sin, layout=layout)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -135,19 +132,45 @@ class Decoder(nn.Module):
             input_pos = torch.arange(start, start + s, device=tokens.device).expand(b, s)
         cos_sin = self.rope.cos_sin(input_pos, h.dtype)
         local_cos_sin = cos_sin if self.local_rope is None else self.local_rope.cos_sin(input_pos, h.dtype)
-        mask = None
-        if doc_ids is not None:
-            mask = document_causal_mask(doc_ids)
-        elif cache_pos and s > 1:
-            # Chunked prefill: causal against everything already in the cache.
-            kv_len = cache_pos + s
-            q_pos = torch.arange(cache_pos, kv_len, device=tokens.device)
-            mask = (torch.arange(kv_len, device=tokens.device)[None] <= q_pos[:, None])[None, None]
+        layout = self.layout(tokens, doc_ids=doc_ids, cache_pos=cache_pos, seq_lens=seq_lens)
+        if layout.kind == "varlen":
+            # Every batch has its own total length: compiled blocks trace it as a symbol from
+            # the first batch on (one graph) instead of specialising, then recompiling.
+            for t, dim in ((h, 1), (layout.seq_ids, 0), *((c, 1) for c in (*cos_sin, *local_cos_sin))):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
         for layer in self.layers:
             cos, sin = local_cos_sin if layer.attn.sliding_window is not None else cos_sin
-            h = layer(h, cos, sin, mask=mask, cache_pos=cache_pos, seq_lens=seq_lens)
+            h = layer(h, cos, sin, layout=layout)
         h = self.norm(h)
         return h if hidden_only else self.head(h)
+
+    @staticmethod
+    def layout(tokens: torch.Tensor, *, doc_ids: torch.Tensor | None = None, cache_pos: int | None = None,
+               seq_lens: Sequence[int] | None = None) -> Layout:
+        """How the batch's tokens are laid out for attention (`modules/attend.py`)."""
+        if cache_pos is not None:
+            return Layout("cached", cache_pos=cache_pos)
+        if seq_lens is not None:
+            return Layout.varlen(seq_lens, tokens.device)
+        if doc_ids is not None:
+            return Layout("masked", mask=document_causal_mask(doc_ids))
+        return Layout("batch")
+
+    def attention_kernels(self, kind: str = "varlen", *, device: torch.device | str | None = None,
+                          dtype: torch.dtype | None = None) -> dict[str, int]:
+        """Kernel name -> number of layers that get it, for a training batch laid out as `kind`
+        (`varlen` for padding-free batches, `batch` for padded ones): for the run's log."""
+        from tunewright.modules.attend import kernel_for
+
+        p = self.tok_embeddings.weight
+        device = torch.device(device) if device is not None else p.device
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            attn = layer.attn
+            name = kernel_for(Layout(kind), device, dtype or p.dtype, 2, window=attn.sliding_window,
+                              softcap=attn.softcap)
+            counts[name] = counts.get(name, 0) + 1
+        return counts
 
     def setup_caches(self, batch_size: int, max_seq_len: int) -> None:
         """Give every attention layer a KV cache (generation); `reset_caches` removes them."""
