@@ -151,7 +151,9 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """SDPA (or explicit scores with a soft-cap) on one block of queries; mask None = causal."""
     if mask is None and window is not None and k.shape[2] > window:
         mask = causal_window_mask(q_start, q.shape[2], k.shape[2], window, q.device)
-    causal = bool(mask is None and q.shape[2] > 1)  # a plain bool: a symbolic one splits compiled graphs
+    # Without a mask the layout is causal from position 0 (one query token is decode_grouped's):
+    # a plain bool, where testing the (symbolic) length would split a compiled graph.
+    causal = mask is None
     if softcap is not None:
         return _manual(q, k, v, mask, scale, softcap, causal=causal)
     if q.device.type == "cuda" or q.shape[1] == k.shape[1]:

@@ -133,11 +133,16 @@ class Decoder(nn.Module):
         cos_sin = self.rope.cos_sin(input_pos, h.dtype)
         local_cos_sin = cos_sin if self.local_rope is None else self.local_rope.cos_sin(input_pos, h.dtype)
         layout = self.layout(tokens, doc_ids=doc_ids, cache_pos=cache_pos, seq_lens=seq_lens)
-        if layout.kind == "varlen":
-            # Every batch has its own total length: compiled blocks trace it as a symbol from
-            # the first batch on (one graph) instead of specialising, then recompiling.
-            for t, dim in ((h, 1), (layout.seq_ids, 0), *((c, 1) for c in (*cos_sin, *local_cos_sin))):
-                torch._dynamo.maybe_mark_dynamic(t, dim)
+        if layout.kind in ("varlen", "batch"):
+            # Every training batch has its own length (and the last one fewer rows): compiled
+            # blocks trace them as symbols from the first batch on (one graph) instead of
+            # specialising, then recompiling.
+            dims = (0, 1) if layout.kind == "batch" else (1,)
+            for t in (h, *cos_sin, *local_cos_sin):
+                for dim in dims:
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+            if layout.seq_ids is not None:
+                torch._dynamo.maybe_mark_dynamic(layout.seq_ids, 0)
         for layer in self.layers:
             cos, sin = local_cos_sin if layer.attn.sliding_window is not None else cos_sin
             h = layer(h, cos, sin, layout=layout)

@@ -48,17 +48,19 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_h[start : start + chunk_size] = probs @ weight
                 if need_w:
                     grad_w += (probs.t() @ hc).float()
-        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
-        ctx.has = (need_h, need_w)
+        # Kept on ctx, not `save_for_backward`: they are gradients already computed, not
+        # activations, so saved-tensor hooks (activation offloading) must not move them (the fp32
+        # head gradient is vocab x dim: 1 GB for a 128k vocabulary at dim 2048).
+        ctx.grads = (grad_h, grad_w)
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        saved = list(ctx.saved_tensors)
-        need_h, need_w = ctx.has
-        grad_h = (saved.pop(0) * grad_out).to(ctx.h_dtype) if need_h else None
-        grad_w = (saved.pop(0) * grad_out).to(ctx.w_dtype) if need_w else None
+        grad_h, grad_w = ctx.grads
+        del ctx.grads  # freed with this backward, as saved tensors would be
+        grad_h = (grad_h * grad_out).to(ctx.h_dtype) if grad_h is not None else None
+        grad_w = (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None
 
 

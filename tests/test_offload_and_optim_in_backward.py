@@ -138,6 +138,30 @@ def test_which_tensors_would_move():
     assert wants_offload(activation[:32], 0)
 
 
+def test_the_fused_losss_head_gradient_is_never_offered_for_offloading():
+    """The fused cross-entropy computes the head's gradient (vocab x dim, fp32) in forward:
+    a gradient, not an activation, so offloading must never see it (it would cross PCIe twice
+    per step). The hooks record every tensor saved under them; on the CPU nothing moves, which
+    is what lets this run anywhere."""
+    from tunewright.training.objectives import causal_lm_loss
+
+    model, tokens = tiny_model_and_batch()
+    vocab, dim = model.tok_embeddings.weight.shape
+    seen: list[tuple[int, ...]] = []
+
+    class Recording(OffloadActivations):
+        def _pack(self, t):
+            seen.append(tuple(t.shape))
+            return super()._pack(t)
+
+    batch = {"tokens": tokens, "labels": tokens.roll(-1, 1), "seq_lens": [tokens.shape[1]] * 2}
+    with Recording(min_bytes=0):
+        loss, n = causal_lm_loss(model, batch)
+    (loss / n).backward()
+    assert seen and (vocab, dim) not in seen and all(vocab not in shape for shape in seen), seen[-5:]
+    assert model.tok_embeddings.weight.grad is not None  # the head's gradient arrived all the same
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading moves tensors on CUDA only")
 def test_cuda_offloading_frees_gpu_memory_and_keeps_gradients():
     model, tokens = tiny_model_and_batch("cuda")

@@ -1,17 +1,18 @@
 """Activation offloading: tensors saved for backward wait in CPU memory instead of on the GPU.
 
-    with activation_offloading(enabled):     # the Trainer wraps forward + loss in this
+    with activation_offloading(enabled):     # a recipe's loop wraps forward + loss in this
         loss, n = loss_fn(model, batch)
     loss.backward()                          # saved tensors come back as backward reaches them
 
 API (also used by the distributed recipes):
 - `activation_offloading(enabled, **options)`: an `OffloadActivations` when enabled, else a
   no-op context. The key is `enable_activation_offloading` in `TrainConfig`.
-- `OffloadActivations(min_bytes=1024, prefetch=2, max_inflight=4, pin_memory=True)`: the
+- `OffloadActivations(min_bytes=2**20, prefetch=2, max_inflight=4, pin_memory=True)`: the
   `torch.autograd.graph.saved_tensors_hooks` doing it; `num_packed`, `num_unpacked`,
   `num_offloaded` and `bytes_offloaded` count what went through it.
 
-On a CUDA device, each saved activation of at least `min_bytes` is copied into pinned CPU memory
+On a CUDA device, each saved activation of at least `min_bytes` (1 MiB: smaller ones cost a
+pinned buffer, a copy and an event each for little memory) is copied into pinned CPU memory
 on a side stream (overlapped with compute), and its GPU memory is released once the copy has
 read it (at most `max_inflight` copies outstanding); backward copies it back on the side
 stream, fetching the next `prefetch` tensors ahead (in reverse order of saving, the order
@@ -102,7 +103,7 @@ class _Offloaded:
 class OffloadActivations(saved_tensors_hooks):
     """saved_tensors_hooks that offload large CUDA activations to the CPU (see the module doc)."""
 
-    def __init__(self, *, min_bytes: int = 1024, prefetch: int = 2, max_inflight: int = 4,
+    def __init__(self, *, min_bytes: int = 2**20, prefetch: int = 2, max_inflight: int = 4,
                  pin_memory: bool = True) -> None:
         self.min_bytes, self.prefetch, self.pin_memory = min_bytes, prefetch, pin_memory
         self.num_packed = self.num_unpacked = self.num_offloaded = self.bytes_offloaded = 0
