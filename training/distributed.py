@@ -41,9 +41,28 @@ def data_world_size() -> int:
     return dist.get_world_size(_DATA_PARALLEL_GROUP) if is_distributed() else 1
 
 
+# The device every collective's tensors must be on: the model's. NCCL rejects CPU tensors, gloo
+# takes them, so without this check a CPU tensor in a collective passes every CPU test and
+# kills the first GPU run at step 1.
+_COLLECTIVE_DEVICE: torch.device | None = None
+
+
+def set_collective_device(device: torch.device | str | None) -> None:
+    global _COLLECTIVE_DEVICE
+    _COLLECTIVE_DEVICE = torch.device(device) if device is not None else None
+
+
+def check_collective_device(x: torch.Tensor) -> None:
+    expected = _COLLECTIVE_DEVICE
+    if expected is not None and x.device.type != expected.type:
+        raise RuntimeError(f"a collective got a tensor on {x.device} in a run on {expected}: create it on the "
+                           "model's device (NCCL takes no CPU tensors)")
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over the data-parallel group."""
     if is_distributed():
+        check_collective_device(x)
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=_DATA_PARALLEL_GROUP)
     return x
 
