@@ -39,37 +39,36 @@ _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
 _ROPE_FREQS = "rope_freqs.weight"
 # --dtype -> (safetensors dtype, torch_dtype in config.json)
 DTYPES = {"fp32": ("F32", "float32"), "bf16": ("BF16", "bfloat16")}
+_ITEMSIZE = {"F32": 4, "BF16": 2}  # bytes per value of each safetensors dtype we write
 
 
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
                overwrite: bool = False) -> Path:
     """Convert a llama GGUF into an HF model directory at `out_dir`; returns `out_dir`.
 
-    An existing non-empty `out_dir` is replaced only with `overwrite=True`. Every problem with
-    the input is a one-line `ValueError` naming the file, raised before anything is written.
+    `out_dir` must be absent, empty or a Hugging Face model directory (whose files the new ones
+    replace), unless `overwrite=True`. Every problem with the input is a one-line `ValueError`
+    naming the file, raised before anything is written.
     """
-    from tunewright.training.atomic import atomic_dir
+    from tunewright.models.pretrained import HF_MODEL
+    from tunewright.training.atomic import check_output_dir, output_dir
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}' (use one of {', '.join(DTYPES)})")
     path, out_dir = Path(gguf_path), Path(out_dir)
+    if out_dir.is_dir() and path.resolve().is_relative_to(out_dir.resolve()):
+        raise ValueError(f"{out_dir}: holds the input {path}; write the output elsewhere")
+    check_output_dir(out_dir, HF_MODEL, overwrite=overwrite)  # before reading a multi-GB file
     g = read_gguf(path)
     config, plan = _config_and_plan(g)
     tok_files = hf_tokenizer_files(g.metadata, path, max_length=config["max_position_embeddings"])
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ValueError(f"{out_dir}: already exists and is not empty (pass overwrite=True / "
-                             "--force to replace it)")
-        if path.resolve().is_relative_to(out_dir.resolve()):
-            raise ValueError(f"{out_dir}: holds the input {path}; write the output elsewhere")
 
     st_dtype, config["torch_dtype"] = DTYPES[dtype]
     ids = special_ids(g.metadata)
     generation = {k: v for k, v in {"bos_token_id": ids.get("bos"), "pad_token_id": ids.get("pad"),
                                     "eos_token_id": _eos_ids(ids)}.items() if v is not None}
-    with atomic_dir(out_dir) as tmp:
+    need = sum(math.prod(shape) for _, shape, _ in plan) * _ITEMSIZE[st_dtype]
+    with output_dir(out_dir, HF_MODEL, overwrite=overwrite, need_bytes=need) as tmp:
         _write_safetensors(tmp / "model.safetensors", plan, st_dtype)
         files = {"config.json": config, "generation_config.json": generation, **tok_files}
         for name, content in files.items():
@@ -225,7 +224,7 @@ def _llama3_rope_scaling(
 
 def _write_safetensors(path: Path, plan: list[_Planned], st_dtype: str) -> None:
     """Write the tensors one at a time (only one is ever in memory) in safetensors format."""
-    itemsize = {"F32": 4, "BF16": 2}[st_dtype]
+    itemsize = _ITEMSIZE[st_dtype]
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape, _ in plan:

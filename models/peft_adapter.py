@@ -30,11 +30,13 @@ from tunewright.models.registry import get_family
 from tunewright.models.weight_map import WeightMap
 from tunewright.modules.peft.apply import TARGETS, apply_lora, expert_lora_modules, lora_modules, target_paths
 from tunewright.modules.peft.lora import LoRALinear
-from tunewright.training.atomic import atomic_dir
+from tunewright.training.atomic import OutputKind, output_dir
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
+# A directory with adapter_config.json; re-saving into one replaces the adapter's two files.
+PEFT_ADAPTER = OutputKind("a PEFT adapter", lambda d: (d / ADAPTER_CONFIG).is_file())
 
 
 def _weight_map(model: nn.Module) -> WeightMap:
@@ -115,8 +117,11 @@ def write_peft_adapter(model: nn.Module, directory: Path, *, base_model_path: st
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
 
-def save_peft_adapter(model: nn.Module, out_dir: str | Path, *, base_model_path: str | None = None) -> Path:
-    with atomic_dir(out_dir) as tmp:
+def save_peft_adapter(model: nn.Module, out_dir: str | Path, *, base_model_path: str | None = None,
+                      overwrite: bool = False) -> Path:
+    """The adapter as its own directory, atomic; `out_dir` must be absent, empty or a PEFT
+    adapter directory, unless `overwrite` (training/atomic.py's `output_dir`)."""
+    with output_dir(out_dir, PEFT_ADAPTER, overwrite=overwrite) as tmp:
         write_peft_adapter(model, tmp, base_model_path=base_model_path)
     return Path(out_dir)
 

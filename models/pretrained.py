@@ -19,13 +19,26 @@ from torch import nn
 from tunewright.models.args import ModelArgs
 from tunewright.models.family import Family
 from tunewright.models.registry import family_for_config, get_family, read_config
-from tunewright.training.atomic import atomic_dir
+from tunewright.training.atomic import OutputKind, output_dir, tensor_bytes
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Files of a model directory that are weights or describe weights: not copied on save.
 _WEIGHT_FILES = {INDEX_FILE, "pytorch_model.bin.index.json", "config.json"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+def _is_hf_model(directory: Path) -> bool:
+    return (directory / "config.json").is_file() and any(_is_weight_file(p.name) for p in directory.iterdir())
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(".safetensors") or name == INDEX_FILE
+
+
+# A directory with config.json and safetensors weights; re-saving into one replaces its weight
+# files (a differently sharded model leaves no stale shard behind), other files stay.
+HF_MODEL = OutputKind("a Hugging Face model", _is_hf_model, stale=_is_weight_file)
+
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -197,12 +210,14 @@ def save_pretrained(
     *,
     source_dir: str | Path | None = None,
     dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `model` in Hugging Face format so `transformers` loads it; atomic.
 
     With `source_dir`, its config.json (the family's text-only one if the source is multimodal),
     tokenizer and generation files are copied and its sharding is kept; `dtype` casts the saved
-    tensors (default: as they are in the model).
+    tensors (default: as they are in the model). `out_dir` must be absent, empty or a Hugging
+    Face model directory, unless `overwrite` (training/atomic.py's `output_dir`).
     """
     family = get_family(model.args.family)
     source = Path(source_dir) if source_dir is not None else None
@@ -212,7 +227,8 @@ def save_pretrained(
     tensors = {k: v.cpu() for k, v in tensors.items()}
     plan = _shard_plan(list(tensors), source, family)
     files = ((fname, {n: tensors[n] for n in names}) for fname, names in plan.items())
-    return write_pretrained(out_dir, model.args, files, source_dir=source)
+    return write_pretrained(out_dir, model.args, files, source_dir=source, overwrite=overwrite,
+                            need_bytes=tensor_bytes(tensors))
 
 
 def write_pretrained(
@@ -221,10 +237,13 @@ def write_pretrained(
     files: Iterable[tuple[str, dict[str, torch.Tensor]]],
     *,
     source_dir: Path | None = None,
+    overwrite: bool = False,
+    need_bytes: int | None = None,
 ) -> Path:
     """A Hugging Face directory from its weight files, written as `files` yields them (a
     sharded model gathers one file at a time), then the index, config.json and the source's
-    tokenizer and generation files; atomic."""
+    tokenizer and generation files; atomic, into an `output_dir` of kind `HF_MODEL`
+    (`need_bytes`, the weights' size, is checked against the free space first)."""
     from safetensors.torch import save_file
 
     family = get_family(args.family)
@@ -234,7 +253,7 @@ def write_pretrained(
     weight_map: dict[str, str] = {}
     total, saved_dtype = 0, None
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with output_dir(out_dir, HF_MODEL, overwrite=overwrite, need_bytes=need_bytes) as tmp:
         for fname, tensors in files:
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, fname))

@@ -93,10 +93,11 @@ def main(cfg: Config) -> list[dict]:
                 (loss / num_targets).backward()
                 loss_sum += loss.detach()
                 del loss  # its spent graph, alive into the next forward, raised peak RSS by 12%
+            # A NaN or infinite loss or gradient: stop, or skip the update (on_nonfinite).
             grad_norm, lr = optimizer_step(optimizer, clip_grad_norm=cfg.clip_grad_norm,
-                                           lr_scheduler=scheduler)
+                                           lr_scheduler=scheduler, loss=loss_sum, run=run)
 
-            if run.due(cfg.log_every_n_steps, final=True):
+            if run.due(cfg.log_every_n_steps, first=True, final=True):
                 run.log(loss=global_sum(loss_sum) / num_targets, lr=lr, grad_norm=grad_norm,
                         epoch=data.epoch, num_targets=num_targets.long(),
                         **token_counts(micro_batches, padding_free=cfg.padding_free))

@@ -181,8 +181,10 @@ def test_layout_atomic_rename_prune_and_resume_lookup(tmp_path):
     exported = []
 
     def export(directory: Path) -> None:
+        from safetensors.torch import save_file
+
         exported.append(directory)
-        (directory / "adapter_model.safetensors").write_text("x")
+        save_file({"x": torch.zeros(1)}, str(directory / "adapter_model.safetensors"))
 
     for step in (1, 2, 3):
         save(checkpointer, tmp_path, step, model, optimizer, export=export, keep_last=2)

@@ -244,7 +244,7 @@ def test_bf16_output_dtype_and_atomic_replace(tmp_path, tiny_gguf):
     with pytest.raises(ValueError, match="not empty"):
         gguf_to_hf(tiny_gguf, out)
     gguf_to_hf(tiny_gguf, out, dtype="bf16", overwrite=True)
-    assert not (out / "stale.txt").exists()
+    assert (out / "stale.txt").read_text() == "old"  # overwrite replaces only what it writes
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}

@@ -70,7 +70,7 @@ def test_log_takes_any_keys_to_stdout_metrics_and_history(tmp_path, capsys):
     assert lines[0]["my_metric"] == 10 and isinstance(lines[0]["my_metric"], int)
     assert lines[0]["loss"] == 1.5 and lines[0]["tokens_per_second"] > 0 and "time" in lines[0]
     assert lines[2] == {"step": 2, "val_loss": 0.5, "time": lines[2]["time"], "peak_rss_mb": lines[2]["peak_rss_mb"]}
-    out = capsys.readouterr().out.splitlines()
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert out[0].startswith("step 1 | loss 1.5000 | lr 1.00e-03 | tokens_per_second") and "my_metric 10" in out[0]
     assert [h["step"] for h in run.history] == [1, 2, 3, 4]  # one record per step, merged
     assert run.history[1]["val_loss"] == 0.5 and run.history[1]["loss"] == 0.5
@@ -105,7 +105,9 @@ def test_resume_continues_the_steps_and_the_metrics_file(tmp_path, capsys):
     # the line of the crashed run's step 5 is gone: steps 5 and 6 are logged by the resumed run
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
-    fresh = Run(tmp_path, progress_bar=False)  # no resume: a new metrics file
+    with pytest.raises(ValueError, match="holds an earlier run"):  # no resume: runs never mix
+        Run(tmp_path, progress_bar=False)
+    fresh = Run(tmp_path, progress_bar=False, overwrite_output_dir=True)  # asked: a clean start
     assert fresh.resume(TrainState(counter=Counter())) == 0
     list(fresh.steps(1))
     assert (tmp_path / "metrics.jsonl").read_text() == ""

@@ -15,8 +15,10 @@ it; loading reshards, so a run resumes on any number of ranks. Same place and ma
 
 Atomic: all ranks write into `checkpoints/.step_<N>.tmp`, a name each derives from the step (no
 message needed); rank 0 renames it once every rank is done, then prunes to `keep_last`. A run
-killed mid-save leaves only the `.tmp` directory, which resume ignores and the next save of that
-step replaces.
+killed mid-save leaves only the `.tmp` directory, which resume ignores and the next run removes
+at its start (`training/run_dir.py`). Before writing, the checkpoint's size (rank 0's shards
+times the world size) is checked against the free space; a full disk while writing is one
+`DiskFullError` line on every rank, the temporary is removed and the previous checkpoints stay.
 
 Async (`async_save=True`): the state is copied to CPU memory, then written by a background
 thread while training goes on; its collectives run on a gloo group of their own (never on the
@@ -40,10 +42,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import os
 import random
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -52,8 +52,10 @@ import torch
 from torch import nn
 
 from tunewright.training import distributed as dist
+from tunewright.training.atomic import (check_free_space, disk_full_error, follow_umask, is_disk_full,
+                                       put_in_place, tensor_bytes)
 from tunewright.training.checkpointing import SHARDED_DIR as DCP_DIR
-from tunewright.training.checkpointing import (STATE_FILE, Export, check_names, checkpoints_dir,
+from tunewright.training.checkpointing import (STATE_FILE, Export, check_names, check_shape, checkpoints_dir,
                                                load_object_states, object_states, prune, rng_state,
                                                set_rng_state, step_dir_name)
 from tunewright.training.state import TrainState
@@ -116,15 +118,31 @@ def derived_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def _local_bytes(tensors: Any) -> int:
+    """Bytes this rank writes: its shards of every (DTensor) tensor."""
+    if hasattr(tensors, "to_local"):
+        return tensor_bytes(tensors.to_local())
+    if isinstance(tensors, dict):
+        return sum(_local_bytes(v) for v in tensors.values())
+    if isinstance(tensors, (list, tuple)):
+        return sum(_local_bytes(v) for v in tensors)
+    return tensor_bytes(tensors)
+
+
+def _check_space(final: Path, tensors: Any) -> int:
+    """About what all ranks write (FSDP shards are even: rank 0's times the world size) against
+    the free space; rank 0 decides for every rank, so none writes while another gives up."""
+    from tunewright.training.run_dir import on_rank0
+
+    need = _local_bytes(tensors) * dist.world_size()
+    on_rank0(lambda: check_free_space(final, need))
+    return need
+
+
 def _publish(tmp: Path, final: Path, output_dir: str | Path, keep_last: int | None) -> None:
     """Rank 0, once every rank has written: the temporary directory becomes the checkpoint."""
-    if final.exists():  # the same step saved again (resumed from an earlier explicit path)
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    follow_umask(tmp)
+    put_in_place(tmp, final)  # the same step may be saved again (resumed from an earlier one)
     prune(output_dir, keep_last)
 
 
@@ -149,19 +167,27 @@ class ShardedCheckpointer:
         self.wait()  # one save in flight at a time, and never two writers in one directory
         final = checkpoints_dir(output_dir) / step_dir_name(step)
         tmp = final.parent / f".{final.name}.tmp"
+        tensors = _tensor_state(state)
+        need = _check_space(final, tensors)
         if dist.is_main():
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
             (tmp / RNG_DIR).mkdir(parents=True)
         dist.barrier()
-        torch.save(rng_state(), _rng_file(tmp, dist.rank()))
-        if dist.is_main():
-            torch.save({"run": run_state, "objects": object_states(state), "world_size": dist.world_size(),
-                        "seed": torch.initial_seed()}, tmp / STATE_FILE)
-        if export is not None:
-            export(tmp)
-        tensors = _tensor_state(state)
+        try:
+            torch.save(rng_state(), _rng_file(tmp, dist.rank()))
+            if dist.is_main():
+                torch.save({"run": run_state, "objects": object_states(state), "world_size": dist.world_size(),
+                            "seed": torch.initial_seed()}, tmp / STATE_FILE)
+            if export is not None:
+                export(tmp)
+            if not self.async_save:
+                dcp.save(tensors, checkpoint_id=tmp / DCP_DIR)
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            self._discard(tmp)
+            if is_disk_full(e):
+                raise disk_full_error(final, need) from None
+            raise
         if not self.async_save:
-            dcp.save(tensors, checkpoint_id=tmp / DCP_DIR)
             dist.barrier()  # every rank's shards are on disk
             if dist.is_main():
                 _publish(tmp, final, output_dir, keep_last)
@@ -172,7 +198,13 @@ class ShardedCheckpointer:
         publish = dist.is_main()
 
         def finish() -> None:
-            saving.result()  # raises here (then in `wait`) if writing failed: nothing is renamed
+            try:
+                saving.result()  # raises here (then in `wait`) if writing failed: nothing is renamed
+            except BaseException as e:
+                self._discard(tmp)
+                if is_disk_full(e):
+                    raise disk_full_error(final, need) from None
+                raise
             if publish:
                 _publish(tmp, final, output_dir, keep_last)
 
@@ -180,6 +212,13 @@ class ShardedCheckpointer:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dcp-publish")
         self._pending = self._executor.submit(finish)
         return final if dist.is_main() else None
+
+    @staticmethod
+    def _discard(tmp: Path) -> None:
+        """A failed write (every rank raises it: DCP gathers the ranks' results): rank 0 removes
+        the temporary, so the disk space comes back and the previous checkpoints stay alone."""
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def wait(self) -> None:
         """Block until an async save is written and renamed (a no-op otherwise)."""
@@ -240,5 +279,9 @@ def _check_keys(step_dir: Path, tensors: dict[str, Any]) -> None:
     metadata = FileSystemReader(str(step_dir / DCP_DIR)).read_metadata()
     for name, entry in tensors.items():
         prefix = f"{name}.model."
-        saved = {k.removeprefix(prefix) for k in metadata.state_dict_metadata if k.startswith(prefix)}
-        check_names(step_dir, f"model '{name}'", saved, set(entry["model"]))
+        saved = {k.removeprefix(prefix): v for k, v in metadata.state_dict_metadata.items() if k.startswith(prefix)}
+        check_names(step_dir, f"model '{name}'", set(saved), set(entry["model"]))
+        for key, value in entry["model"].items():
+            size = getattr(saved[key], "size", None)  # tensors only (DCP also stores bytes)
+            if size is not None:
+                check_shape(step_dir, f"model '{name}'", key, tuple(size), tuple(value.shape))

@@ -5,15 +5,19 @@ Each `Run.log` call is one JSON object with `step` and `time` (unix time) and wh
 recipe logged; the SFT recipe's step lines have `loss`, `lr`, `grad_norm`, `tokens_per_second`,
 `num_tokens` (non-padding tokens) and `num_tokens_total` (tokens computed, padding included), so
 external harnesses can time steps by wall clock. Only rank 0 writes.
+
+Every line is strict JSON: a NaN or infinite value (a skipped step's loss) is written as null
+(bare `NaN` is no JSON), while the console shows `nan`.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 from pathlib import Path
 from typing import Any
 
+from tunewright.training.atomic import atomic_write_text, disk_full_error, is_disk_full
 from tunewright.training.distributed import is_main
 
 METRICS_FILE = "metrics.jsonl"
@@ -28,7 +32,7 @@ class MetricsWriter:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self.path.write_text("")
+            atomic_write_text(self.path, "")
         else:
             self._truncate_after(resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
@@ -45,15 +49,19 @@ class MetricsWriter:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by the crash
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        line = json.dumps(strict_json(record), allow_nan=False) + "\n"
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(self.path, len(line)) from None
+            raise
         if self.sink is not None:
             self.sink.log_dict({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
@@ -62,6 +70,17 @@ class MetricsWriter:
             self._file.close()
             if self.sink is not None and hasattr(self.sink, "close"):
                 self.sink.close()
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 # Printed first and in this form; other keys a recipe logs follow in the order it gave them.

@@ -57,6 +57,7 @@ class Placement:
         self.mesh: Any = None
         if self.distributed:
             device, self._created = init_distributed(device, timeout_minutes=cfg.collective_timeout_minutes)
+            dist.set_collective_device(device)
             try:
                 self.mesh = build_mesh(device, data_parallel_dim=cfg.data_parallel_dim,
                                        tensor_parallel_dim=cfg.tensor_parallel_dim)
@@ -168,10 +169,13 @@ class Placement:
         return partial(write_peft_adapter, model, base_model_path=base)
 
     def save_adapter(self, model: nn.Module, directory: Path) -> Path | None:
-        """The LoRA adapter in PEFT format; the directory on rank 0 (None elsewhere)."""
+        """The LoRA adapter in PEFT format; the directory on rank 0 (None elsewhere). Refuses
+        weights holding NaN or infinity, and a directory holding anything but an adapter."""
         from tunewright.models.peft_adapter import save_peft_adapter
+        from tunewright.training.nonfinite import check_finite_parameters
         from tunewright.training.sharded_io import save_peft_adapter_sharded
 
+        check_finite_parameters([model], directory)
         base = self._sources.get(id(model))
         if self.distributed:
             out = save_peft_adapter_sharded(model, self._skeletons[id(model)], directory, base_model_path=base)
@@ -184,11 +188,14 @@ class Placement:
     def save_model(self, model: nn.Module, directory: Path, *, merge: bool = False) -> Path | None:
         """`model` in Hugging Face format (config and tokenizer copied from where it came
         from); `merge` folds LoRA adapters into the weights first (on one device, in place).
-        The directory on rank 0, None elsewhere."""
+        The directory on rank 0, None elsewhere. Refuses weights holding NaN or infinity, and a
+        directory holding anything but a Hugging Face model."""
         from tunewright.models import save_pretrained
         from tunewright.modules.peft.apply import merge_lora
+        from tunewright.training.nonfinite import check_finite_parameters
         from tunewright.training.sharded_io import save_pretrained_sharded
 
+        check_finite_parameters([model], directory)
         source = self._sources.get(id(model))
         dtype = self.dtype if merge else None  # merged adapters are computed in fp32
         if self.distributed:

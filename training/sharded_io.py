@@ -172,13 +172,16 @@ def _full_value(model_params: dict[str, torch.Tensor], skeleton: nn.Module, name
 
 def save_pretrained_sharded(
     model: nn.Module, skeleton: nn.Module, out_dir: str | Path, *, source_dir: str | Path | None = None,
-    dtype: torch.dtype | None = None, merge: bool = False,
+    dtype: torch.dtype | None = None, merge: bool = False, overwrite: bool = False,
 ) -> Path | None:
     """`save_pretrained` for a sharded model (collective); with `merge`, LoRA is merged in.
     Returns the directory on rank 0, None elsewhere."""
-    from tunewright.models.pretrained import _shard_plan, hf_state_dict, write_pretrained
+    from tunewright.models.pretrained import HF_MODEL, _shard_plan, hf_state_dict, write_pretrained
     from tunewright.models.registry import get_family
     from tunewright.modules.peft.apply import merge_lora
+    from tunewright.training.atomic import check_output_dir
+
+    check_output_dir(out_dir, HF_MODEL, overwrite=overwrite)  # every rank: before any gather
 
     family = get_family(skeleton.args.family)
     target = merge_lora(copy.deepcopy(skeleton)) if merge else skeleton  # meta: names and shapes
@@ -186,6 +189,8 @@ def save_pretrained_sharded(
     plan = _shard_plan(list(hf_state_dict(target, family)), source, family)
     model_params = dict(model.named_parameters())
     base_dtype = next(p.dtype for n, p in model_params.items() if "lora" not in n)
+    shapes = {n: t for n, t in target.state_dict().items()}  # meta: sizes without memory
+    need = sum(t.numel() * (dtype or base_dtype).itemsize for t in shapes.values())
 
     def files() -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         for fname, hf_names in plan.items():
@@ -201,7 +206,8 @@ def save_pretrained_sharded(
             pass
         dist.barrier()
         return None
-    out = write_pretrained(out_dir, skeleton.args, files(), source_dir=source)
+    out = write_pretrained(out_dir, skeleton.args, files(), source_dir=source, overwrite=overwrite,
+                           need_bytes=need)
     dist.barrier()
     return out
 
@@ -225,12 +231,15 @@ def write_peft_adapter_sharded(model: nn.Module, skeleton: nn.Module, directory:
 
 
 def save_peft_adapter_sharded(model: nn.Module, skeleton: nn.Module, out_dir: str | Path, *,
-                              base_model_path: str | None = None) -> Path | None:
-    from tunewright.training.atomic import atomic_dir
+                              base_model_path: str | None = None, overwrite: bool = False) -> Path | None:
+    """`save_peft_adapter` for a sharded model (collective); the directory on rank 0."""
+    from tunewright.models.peft_adapter import PEFT_ADAPTER
+    from tunewright.training.atomic import check_output_dir, output_dir
 
+    check_output_dir(out_dir, PEFT_ADAPTER, overwrite=overwrite)  # every rank: before the gather
     if not dist.is_main():
         write_peft_adapter_sharded(model, skeleton, Path(out_dir), base_model_path=base_model_path)
         return None
-    with atomic_dir(out_dir) as tmp:
+    with output_dir(out_dir, PEFT_ADAPTER, overwrite=overwrite) as tmp:
         write_peft_adapter_sharded(model, skeleton, tmp, base_model_path=base_model_path)
     return Path(out_dir)

@@ -66,6 +66,15 @@ class TrainConfig(RunConfig):
     save_final_model: bool | None = None
     progress_bar: bool = True
 
+    # Reliability (README "Reliability"). A step whose loss or gradient norm is NaN or infinite:
+    # `stop` ends the run before updating (every finite checkpoint kept, nothing exported);
+    # `skip` drops that step's update and goes on, stopping after `max_nonfinite_steps` skips.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_steps: int = 10
+    # An output_dir holding an earlier run: start over, deleting that run's checkpoints,
+    # metrics.jsonl and exports (without it, and without resume, the run refuses to start).
+    overwrite_output_dir: bool = False
+
 
 @dataclass(kw_only=True)
 class LoRAConfig:

@@ -23,15 +23,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, metavar="DIR", help="folder to write (created)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32",
                    help="dtype of the written weights (default: fp32)")
-    p.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
+    p.add_argument("--force", action="store_true",
+                   help="write into DIR even if it holds files that are not a Hugging Face model "
+                   "(the written files replace theirs; nothing else is deleted)")
     p.set_defaults(handler=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from tunewright.models.gguf_import import gguf_to_hf
+    from tunewright.training.atomic import OutputExistsError
 
     # Bad input raises ValueError/OSError; `tune`'s main turns it into one `error:` line.
-    out = gguf_to_hf(args.gguf_file, args.output_dir, dtype=args.dtype, overwrite=args.force)
+    try:
+        out = gguf_to_hf(args.gguf_file, args.output_dir, dtype=args.dtype, overwrite=args.force)
+    except OutputExistsError as e:
+        raise e.with_flag("--force") from None
     print(f"Converted {args.gguf_file} to {out}")
     return 0

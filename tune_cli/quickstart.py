@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     from tunewright.tune_cli.catalog import configs, recipes
 
     config_path = configs()[CONFIG]
-    overrides = [f"model.path={model_dir}", f"dataset.source={files['train']}", f"output_dir={work / 'lora'}"]
+    # The work dir's fine-tune is redone from scratch on every run (the earlier one is replaced).
+    overrides = [f"model.path={model_dir}", f"dataset.source={files['train']}", f"output_dir={work / 'lora'}",
+                 "overwrite_output_dir=true"]
     train_cfg = to_dict(load_config(config_path, overrides))
 
     base = _stage(3, "evaluate the base model",
