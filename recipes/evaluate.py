@@ -25,19 +25,20 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from tunewright.training.entry import recipe_main
+from tunewright.training.schema import PositiveInt
 from tunewright.training.train_config import RunConfig
 
 
 @dataclass(kw_only=True)
 class Config(RunConfig):
     adapter: str | None = None  # a PEFT adapter directory put on the model (and merged)
-    batch_size: int = 8
+    batch_size: PositiveInt = 8
 
     answer_column: str | None = "answer"  # null: loss only
     task: str | None = None  # a reasoning-gym task name: score replies with its scorer
-    max_new_tokens: int = 32
-    max_answers: int | None = None  # score only the first N rows that carry an answer
-    generate_batch_size: int = 64  # prompts decoded together (equal lengths batch best)
+    max_new_tokens: PositiveInt = 32
+    max_answers: PositiveInt | None = None  # score only the first N rows that carry an answer
+    generate_batch_size: PositiveInt = 64  # prompts decoded together (equal lengths batch best)
     # torch.compile each block for the held-out loss; replies are generated eagerly (each group
     # of equal-length prompts has its own KV-cache size, which would recompile per group).
     compile: bool = False

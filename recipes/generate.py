@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from tunewright.training.entry import recipe_main
-from tunewright.training.schema import component
+from tunewright.training.schema import PositiveInt, Range, component
+from tunewright.training.train_config import Device, Seed
 
 
 @dataclass(kw_only=True)
@@ -27,14 +28,14 @@ class Config:
     prompt: str
     system_prompt: str | None = None
     chat: bool = True  # false: the prompt is raw text to continue, after bos
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0: greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    device: str = "cpu"
+    max_new_tokens: PositiveInt = 128
+    temperature: Annotated[float, Range(ge=0, hint="0: greedy")] = 0.0
+    top_k: Annotated[int, Range(ge=1, hint="null: no top-k cut")] | None = None
+    top_p: Annotated[float, Range(gt=0, le=1, hint="null: no top-p cut")] | None = None
+    seed: Seed | None = None
+    device: Device = "cpu"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    num_threads: int | None = None
+    num_threads: PositiveInt | None = None
     # torch.compile each block: the prefill and the one-token decode step compile once each
     # (positions do not recompile), which pays off for long generations.
     compile: bool = False

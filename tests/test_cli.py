@@ -271,14 +271,22 @@ def test_cat_bad_override_and_missing_file(local, capsys):
     assert_one_error(code, err, "config file not found: ")
 
 
-def test_validate_checks_the_recipe_the_config_names(local, capsys):
-    cfg = str(local / "my.yaml")
-    code, out, _ = run_main(capsys, "validate", cfg, "steps=4")
+def test_validate_checks_against_the_recipe_file_the_user_names(local, capsys):
+    cfg, recipe = str(local / "my.yaml"), str(local / "my_recipe.py")
+    code, out, _ = run_main(capsys, "validate", cfg, "steps=4", "--recipe", recipe)
     assert code == 0 and out.startswith("Config is well-formed!")
-    code, _, err = run_main(capsys, "validate", cfg, "stepz=4")
+    code, _, err = run_main(capsys, "validate", cfg, "stepz=4", "--recipe", recipe)
     assert_one_error(code, err, "unknown key 'stepz' (did you mean 'steps'?)", "my.yaml")
-    code, _, err = run_main(capsys, "validate", cfg, "optimizer.lrr=1")
+    code, _, err = run_main(capsys, "validate", cfg, "optimizer.lrr=1", "--recipe", recipe)
     assert_one_error(code, err, "unknown key 'optimizer.lrr'", "(did you mean 'lr'?)")
+
+
+def test_validate_never_imports_a_recipe_file_the_config_names(local, capsys):
+    # The config sits next to a .py file it names: importing it would run it.
+    (local / "my_recipe.py").write_text(RECIPE_SRC + "\nopen(__file__ + '.ran', 'w').close()\n")
+    code, out, _ = run_main(capsys, "validate", str(local / "my.yaml"))
+    assert code == 0 and "not checked" in out and "--recipe" in out
+    assert not (local / "my_recipe.py.ran").exists()
 
 
 def test_validate_shipped_config_by_name(shipped, capsys):
@@ -438,16 +446,16 @@ def test_torchrun_argv():
         ["--nproc_per_node", "2"], Path("/r/full.py"), Path("/c/tiny.yaml"), ["a=1", "~b"]
     )
     assert cmd == [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        sys.executable, "-m", "tunewright.tune_cli.launch", "--nproc_per_node", "2",
         "/r/full.py", "--config", "/c/tiny.yaml", "a=1", "~b",
     ]  # fmt: skip
 
 
-def test_distributed_run_checks_the_config_then_execs_torchrun(shipped, monkeypatch, capsys):
+def test_distributed_run_checks_the_config_then_launches_torchrun(shipped, monkeypatch, capsys):
     from tunewright.tune_cli import run
 
     calls = []
-    monkeypatch.setattr(run.os, "execv", lambda path, argv: calls.append(argv))
+    monkeypatch.setattr(run, "launch", lambda cmd: calls.append(cmd) or 0)
     argv = ["run", "--nproc_per_node", "2", "full_finetune_single_device", "--config"]
     code, _, err = run_main(capsys, *argv, "llama/tiny_full", "stepz=1")
     assert_one_error(code, err, "unknown key 'stepz'")
@@ -457,11 +465,52 @@ def test_distributed_run_checks_the_config_then_execs_torchrun(shipped, monkeypa
     assert code == 0, err
     root = catalog.ROOT
     assert calls == [
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        [sys.executable, "-m", "tunewright.tune_cli.launch", "--nproc_per_node", "2",
          str(root / "recipes" / "full_finetune_single_device.py"), "--config",
          str(root / "configs" / "llama" / "tiny_full.yaml"), "steps=2"]
     ]  # fmt: skip
     assert not (shipped / "out").exists()  # the workers run main, not this process
+
+
+def test_launch_passes_the_exit_status_through():
+    from tunewright.tune_cli.run import launch
+
+    assert launch([sys.executable, "-c", "import sys; sys.exit(3)"]) == 3
+    assert launch([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]) == 137
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--nproc_per_node", "abc", "a number of processes per node >= 1, or auto"),
+        ("--nproc_per_node", "0", "a number of processes per node >= 1"),
+        ("--nnodes", "2:1", "a number of nodes >= 1, or MIN:MAX"),
+        ("--node_rank", "-1", "this node's index, >= 0"),
+        ("--master_port", "70000", "a port number, 1 to 65535"),
+        ("--max_restarts", "x", "a number >= 0"),
+        ("--monitor_interval", "0", "a number of seconds > 0"),
+        ("--start_method", "thread", "spawn, fork or forkserver"),
+        ("--redirects", "9", "0-3, or LOCAL_RANK:0-3 pairs"),
+        ("--local_ranks_filter", "a", "local ranks such as 0 or 0,1"),
+    ],
+)
+def test_torchrun_flag_values_are_checked_before_anything_starts(capsys, flag, value, message):
+    for argv in ([flag, value], [f"{flag}={value}"]):
+        code, _, err = run_main(capsys, "run", *argv, "sft", "--config", "llama/tiny_lora")
+        assert_one_error(code, err, f"{flag} '{value}': must be {message}")
+
+
+def test_good_torchrun_flag_values_pass():
+    good = ["--nproc_per_node", "auto", "--nnodes", "1:2", "--node_rank=0", "--master_port", "29500",
+            "--monitor_interval", "0.5", "--redirects", "0:3,1:0", "--tee", "3", "--local_ranks_filter=0,1"]
+    assert parse_run_args([*good, "sft", "--config", "c"]).launcher == good
+
+
+def test_allow_components_is_tunes_flag_not_torchruns():
+    args = parse_run_args(["--allow-components", "mypkg,other.", "--nproc_per_node", "2", "sft",
+                           "--config", "c", "--allow-components=third", "a=1"])
+    assert args.allow_components == ["mypkg", "other.", "third"]
+    assert args.launcher == ["--nproc_per_node", "2"] and args.overrides == ["a=1"]
 
 
 # ---------------------------------------------------------------- the console script
@@ -478,7 +527,8 @@ def test_console_script_run_and_errors(local):
         f"error: {local / 'my.yaml'}: unknown key 'stepz' (did you mean 'steps'?)"
     ]
 
-    debug = tune("validate", "my.yaml", "stepz=9", cwd=local, env={"TUNEWRIGHT_DEBUG": "1"})
+    debug = tune("validate", "my.yaml", "stepz=9", "--recipe", "my_recipe.py", cwd=local,
+                 env={"TUNEWRIGHT_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
@@ -489,3 +539,54 @@ def test_python_dash_m_entry_point(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown recipe or config 'nope'")
+
+
+# ---------------------------------------------------------------- components outside the allow-list
+
+
+def test_a_users_package_runs_only_when_the_user_allows_it(local, capsys, monkeypatch):
+    (local / "mypkg").mkdir()
+    (local / "mypkg" / "__init__.py").write_text(
+        "import torch\n\ndef make_sgd(params, lr: float = 0.1):\n    return torch.optim.SGD(params, lr=lr)\n")
+    monkeypatch.syspath_prepend(str(local))
+    monkeypatch.delenv("TUNEWRIGHT_ALLOW_COMPONENTS", raising=False)
+    argv = ["run", str(local / "my_recipe.py"), "--config", str(local / "my.yaml"),
+            "optimizer._component_=mypkg.make_sgd"]
+    code, _, err = run_main(capsys, *argv)
+    assert_one_error(code, err, "key 'optimizer._component_': mypkg.make_sgd is outside the packages",
+                     "--allow-components mypkg")
+    assert not (local / "out").exists()
+    code, _, err = run_main(capsys, *argv[:1], "--allow-components", "mypkg", *argv[1:])
+    assert code == 0, err
+    assert seen(local)["optimizer"]["_component_"] == "mypkg.make_sgd"
+    assert "TUNEWRIGHT_ALLOW_COMPONENTS" not in os.environ  # allowed for that command only
+
+
+def test_python_recipe_takes_allow_components_too(local):
+    (local / "mypkg").mkdir()
+    (local / "mypkg" / "__init__.py").write_text("import torch\nmake_sgd = torch.optim.SGD\n")
+    cmd = [sys.executable, str(local / "my_recipe.py"), "--config", str(local / "my.yaml"),
+           "optimizer._component_=mypkg.make_sgd"]
+    env = {**os.environ, "PYTHONPATH": str(local)}
+    env.pop("TUNEWRIGHT_ALLOW_COMPONENTS", None)
+    refused = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "--allow-components mypkg" in refused.stderr
+    allowed = subprocess.run([*cmd[:2], "--allow-components", "mypkg", *cmd[2:]], capture_output=True, text=True, env=env)
+    assert allowed.returncode == 0, allowed.stderr
+
+
+# ---------------------------------------------------------------- the quickstart's "try it" line
+
+
+def test_try_it_names_a_tune_that_runs_when_tune_is_not_on_path(tmp_path, monkeypatch):
+    from tunewright.tune_cli.quickstart import tune_command
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # as after `make quickstart`, venv not activated
+    monkeypatch.chdir(TUNE_SCRIPT.parent.parent.parent)  # the repo, where `make` runs
+    tune, activate = tune_command()
+    assert "/" in tune and activate is not None  # a path the shell runs, not a bare name
+    done = subprocess.run([tune, "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("tune ")
+    assert Path(activate).is_file()
+    monkeypatch.setenv("PATH", f"{TUNE_SCRIPT.parent}:/usr/bin:/bin")
+    assert tune_command() == ("tune", None)

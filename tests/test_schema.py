@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal
 
 import pytest
 
 from tunewright.training.config import ConfigError
-from tunewright.training.schema import component, validate
+from tunewright.training.schema import Matches, PositiveInt, Range, component, validate
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(kw_only=True)
@@ -102,3 +107,248 @@ def test_parallel_keys_on_one_device_fail_before_any_work(tmp_path):
         run_recipe_file(repo / "recipes" / "sft.py", repo / "configs" / "llama" / "tiny_full.yaml",
                         [f"output_dir={tmp_path}", "tensor_parallel_dim=2"])
     assert not (tmp_path / "config.yaml").exists()
+
+
+# ---------------------------------------------------------------- ranges
+def test_every_range_names_the_key_the_bound_and_the_file():
+    @dataclass(kw_only=True)
+    class Ranged:
+        count: PositiveInt = 1
+        limit: Annotated[int, Range(ge=1, hint="null: no limit")] | None = None
+        rate: Annotated[float, Range(ge=0, lt=1)] = 0.0
+        scale: Annotated[float, Range(gt=0)] | None = 1.0
+        sizes: list[PositiveInt] = dataclasses.field(default_factory=list)
+        where: Annotated[str, Matches(r"cpu|cuda(:\d+)?", "cpu or cuda:N")] = "cpu"
+
+    def fails(**values) -> str:
+        with pytest.raises(ConfigError) as e:
+            validate(values, Ranged, "r.yaml")
+        return str(e.value)
+
+    validate({"count": 3, "limit": None, "rate": 0.5, "scale": None, "sizes": [1, 2], "where": "cuda:1"},
+             Ranged, "r.yaml")
+    assert fails(count=0) == "r.yaml: key 'count' must be >= 1, got 0"
+    assert fails(limit=0) == "r.yaml: key 'limit' must be >= 1 (null: no limit), got 0"
+    assert fails(rate=1) == "r.yaml: key 'rate' must be >= 0 and < 1, got 1"
+    assert fails(rate=float("nan")) == "r.yaml: key 'rate' must be >= 0 and < 1, got nan"
+    assert fails(scale=-0.5) == "r.yaml: key 'scale' must be > 0 or null, got -0.5"
+    assert fails(sizes=[2, 0]) == "r.yaml: key 'sizes' must be >= 1, got [2, 0]"
+    assert fails(where="tpu9") == "r.yaml: key 'where' must be cpu or cuda:N, got 'tpu9'"
+    assert fails(count="3") == "r.yaml: key 'count' must be int, got '3'"  # types first
+
+
+def takes_a_count(num_items: Annotated[int, Range(ge=1)] = 1) -> int:
+    return num_items
+
+
+def test_a_components_annotated_ranges_are_checked_too():
+    from tunewright.training.instantiate import components_allowed
+
+    node = {"_component_": f"{__name__}.takes_a_count", "num_items": 0}
+    with components_allowed([__name__]), pytest.raises(ConfigError) as e:
+        validate({**good(), "optimizer": {**good()["optimizer"]}, "loss": node}, WithLoss, "cfg.yaml")
+    assert str(e.value) == "cfg.yaml: key 'loss.num_items' must be >= 1, got 0"
+
+
+@dataclass(kw_only=True)
+class WithLoss(Schema):
+    loss: dict = component()
+
+
+SHIPPED_BOUNDS = [  # (recipe, config, override, the message's key and bound), from the issue
+    ("sft", "tiny_lora", "batch_size=0", "key 'batch_size' must be >= 1"),
+    ("sft", "tiny_lora", "epochs=0", "key 'epochs' must be >= 1"),
+    ("sft", "tiny_lora", "max_steps=0", "key 'max_steps' must be >= 1 (null: no limit)"),
+    ("sft", "tiny_lora", "max_steps=-3", "key 'max_steps' must be >= 1"),
+    ("sft", "tiny_lora", "gradient_accumulation_steps=-1", "key 'gradient_accumulation_steps' must be >= 1"),
+    ("sft", "tiny_lora", "loss_chunk_size=-1", "key 'loss_chunk_size' must be >= 1"),
+    ("sft", "tiny_lora", "clip_grad_norm=-1.0", "key 'clip_grad_norm' must be > 0 (null: no clipping)"),
+    ("sft", "tiny_lora", "log_every_n_steps=0", "key 'log_every_n_steps' must be >= 1"),
+    ("sft", "tiny_lora", "num_threads=-1", "key 'num_threads' must be >= 1 or null"),
+    ("sft", "tiny_lora", "keep_last_n_checkpoints=0", "key 'keep_last_n_checkpoints' must be >= 1 (null: keep all)"),
+    ("sft", "tiny_lora", "max_eval_batches=0", "key 'max_eval_batches' must be >= 1"),
+    ("sft", "tiny_lora", "lora_rank=0", "key 'lora_rank' must be >= 1"),
+    ("sft", "tiny_lora", "lora_alpha=0", "key 'lora_alpha' must be > 0"),
+    ("sft", "tiny_lora", "lora_dropout=1.0", "key 'lora_dropout' must be >= 0 and < 1"),
+    ("sft", "tiny_lora", "device=tpu9", "key 'device' must be cpu, cuda, cuda:N, mps, xpu or auto"),
+    ("sft", "tiny_lora_distributed", "tensor_parallel_dim=0", "key 'tensor_parallel_dim' must be >= 1"),
+    ("sft", "tiny_lora_distributed", "collective_timeout_minutes=0", "key 'collective_timeout_minutes' must be >= 1"),
+    ("generate", "tiny_generate", "max_new_tokens=0", "key 'max_new_tokens' must be >= 1"),
+    ("generate", "tiny_generate", "temperature=-0.5", "key 'temperature' must be >= 0 (0: greedy)"),
+    ("generate", "tiny_generate", "top_k=0", "key 'top_k' must be >= 1"),
+    ("generate", "tiny_generate", "top_p=1.5", "key 'top_p' must be > 0 and <= 1"),
+    ("evaluate", "tiny_evaluate", "generate_batch_size=0", "key 'generate_batch_size' must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("recipe, config, override, message", SHIPPED_BOUNDS,
+                         ids=[f"{r}-{o}" for r, _, o, _ in SHIPPED_BOUNDS])
+def test_the_recipes_schemas_carry_the_bounds(recipe, config, override, message):
+    from tunewright.training.entry import import_recipe, load_recipe_config
+
+    config_path = REPO / "configs" / "llama" / f"{config}.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_recipe_config(import_recipe(REPO / "recipes" / f"{recipe}.py"), config_path, [override])
+    assert str(e.value).startswith(f"{config_path}: {message}"), str(e.value)
+
+
+# ---------------------------------------------------------------- the defaults a user gets
+# Independent of the dataclasses: what the README and the comments promise. Each recipe under
+# recipes/ needs a minimal config and its defaults here.
+MODEL = {"_component_": "tunewright.models.load_pretrained", "path": "/m"}
+TOKENIZER = {"_component_": "tunewright.data.tokenizer.load_tokenizer", "path": "/m"}
+DATASET = {"_component_": "tunewright.data.sft_dataset", "source": "/d.jsonl"}
+MINIMAL = {
+    "sft": {"recipe": "sft", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER, "dataset": DATASET,
+            "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4}},
+    "generate": {"recipe": "generate", "model": MODEL, "tokenizer": TOKENIZER, "prompt": "Hi"},
+    "evaluate": {"recipe": "evaluate", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER,
+                 "dataset": DATASET},
+}
+RUN_DEFAULTS = {"seed": 0, "device": "cpu", "dtype": "fp32", "num_threads": None, "loss_chunk_size": 1024}
+DEFAULTS = {
+    "sft": {**RUN_DEFAULTS, "batch_size": 2, "gradient_accumulation_steps": 1, "epochs": 1,
+            "max_steps_per_epoch": None, "max_steps": None, "clip_grad_norm": 1.0, "shuffle": True,
+            "padding_free": True, "log_every_n_steps": 1, "eval_every_n_steps": None,
+            "save_every_n_steps": None, "keep_last_n_checkpoints": 2, "resume_from_checkpoint": False,
+            "save_final_model": None, "progress_bar": True, "val_dataset": None, "lr_scheduler": None,
+            "lora_rank": None, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_targets": "all-linear",
+            "save_adapter": True, "quantize_base": False, "use_dora": False, "distributed": None,
+            "tensor_parallel_dim": 1, "data_parallel_dim": None, "collective_timeout_minutes": 60,
+            "compile": False, "enable_activation_checkpointing": False, "optimizer_in_backward": False},
+    "generate": {"adapter": None, "system_prompt": None, "chat": True, "max_new_tokens": 128,
+                 "temperature": 0.0, "top_k": None, "top_p": None, "seed": None, "device": "cpu",
+                 "dtype": "fp32", "num_threads": None, "compile": False},
+    "evaluate": {**RUN_DEFAULTS, "adapter": None, "batch_size": 8, "answer_column": "answer", "task": None,
+                 "max_new_tokens": 32, "max_answers": None, "generate_batch_size": 64, "compile": False},
+}
+RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_resolved_defaults_of_every_recipe(recipe):
+    from tunewright.training.entry import import_recipe
+    from tunewright.training.schema import build
+
+    assert recipe in MINIMAL and recipe in DEFAULTS, f"recipes/{recipe}.py: add its minimal config and defaults"
+    schema = import_recipe(REPO / "recipes" / f"{recipe}.py").Config
+    validate(MINIMAL[recipe], schema, "minimal.yaml")
+    cfg = build(MINIMAL[recipe], schema)
+    assert {k: getattr(cfg, k) for k in DEFAULTS[recipe]} == DEFAULTS[recipe]
+
+
+@pytest.mark.parametrize("config, written, absent", [
+    ("tiny_lora", "adapter", "merged"),  # LoRA: the adapter is the result; no merged copy
+    ("tiny_full", "final", "adapter"),  # full fine-tuning: null save_final_model means true
+])
+def test_a_run_applies_the_save_defaults(tmp_path, config, written, absent):
+    from tunewright.training.entry import run_recipe_file
+
+    run_recipe_file(REPO / "recipes" / "sft.py", REPO / "configs" / "llama" / f"{config}.yaml",
+                    [f"output_dir={tmp_path}", "save_final_model=null", "max_steps=1", "eval_every_n_steps=null",
+                     "save_every_n_steps=null", "progress_bar=false", "num_threads=1"])
+    assert (tmp_path / written / "config.json").is_file() or (tmp_path / written / "adapter_config.json").is_file()
+    assert not (tmp_path / absent).exists() and not (tmp_path / "merged").exists()
+
+
+# ---------------------------------------------------------------- overrides as typed
+@pytest.mark.parametrize("override, value", [
+    ("prompt=Reverse the letters: abc", "Reverse the letters: abc"),  # YAML: a mapping
+    ('prompt="Reverse the letters: abc"', "Reverse the letters: abc"),  # quoted inside the shell
+    ("prompt=What is #1?", "What is #1?"),  # YAML: a comment from ` #`
+    ('prompt=Say: "hi" now', 'Say: "hi" now'),  # YAML: a syntax error
+    ("prompt=- a list?", "- a list?"),  # YAML: a block list
+    ("prompt=  two  spaces", "two  spaces"),
+    ("prompt=${recipe}", "generate"),  # interpolations still resolve
+    ("lr=1e-4", 1e-4), ("n=3", 3), ("flag=true", True), ("x=null", None),
+    ("targets=[q, v]", ["q", "v"]), ("opts={a: 1}", {"a": 1}),
+])
+def test_override_values(tmp_path, override, value):
+    from tunewright.training.config import load_config, to_dict
+
+    (tmp_path / "c.yaml").write_text("recipe: generate\nprompt: x\n")
+    key = override.split("=", 1)[0]
+    assert to_dict(load_config(tmp_path / "c.yaml", [override]))[key] == value
+
+
+@pytest.mark.parametrize("override", ["targets=[q, v", "opts={a: 1", 'prompt="abc'])
+def test_an_override_meant_as_yaml_that_is_not_fails_in_one_line(tmp_path, override):
+    from tunewright.training.config import load_config
+
+    (tmp_path / "c.yaml").write_text("recipe: generate\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "c.yaml", [override])
+    assert str(e.value).startswith(f"override '{override}': not valid YAML: ") and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- secrets from the environment
+def test_values_from_the_environment_are_saved_as_written(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from tunewright.training.entry import import_recipe, load_recipe_config
+    from tunewright.training.run import save_config
+
+    secret = "hf_s3cr3t-token"
+    monkeypatch.setenv("MY_TOKEN", secret)
+    monkeypatch.setenv("MY_SPLIT", "train")  # a value that also occurs elsewhere, in clear
+    cfg = load_recipe_config(
+        import_recipe(REPO / "recipes" / "sft.py"), REPO / "configs" / "llama" / "tiny_lora.yaml",
+        ["dataset.split=${oc.env:MY_SPLIT}", "output_dir=/runs/${oc.env:MY_TOKEN}",
+         "val_dataset.split=${dataset.split}"])
+    assert cfg.output_dir == f"/runs/{secret}" and cfg.dataset["split"] == "train"  # resolved for the run
+    save_config(cfg, tmp_path)
+    text = (tmp_path / "config.yaml").read_text()
+    assert secret not in text
+    saved = OmegaConf.to_container(OmegaConf.load(tmp_path / "config.yaml"), resolve=False)
+    assert saved["output_dir"] == "/runs/${oc.env:MY_TOKEN}"
+    assert saved["dataset"]["split"] == "${oc.env:MY_SPLIT}" and saved["val_dataset"]["split"] == "${dataset.split}"
+    assert saved["shuffle"] is True and saved["model"]["_component_"] == "tunewright.models.load_pretrained"
+
+
+# ---------------------------------------------------------------- the component allow-list
+@pytest.mark.parametrize("path, allowed", [
+    ("torch.optim.AdamW", True), ("tunewright.data.sft_dataset", True), ("torchao.optim.AdamW8bit", True),
+    ("os.system", False), ("subprocess.run", False), ("torchvision.models.resnet18", False),
+    ("tunewrightx.evil", False), ("torch.hub.load", False), ("torch.load", False),
+    ("torch.utils.cpp_extension.load_inline", False), ("tunewright.training.entry.import_recipe", False),
+])
+def test_the_allow_list(path, allowed, monkeypatch):
+    from tunewright.training.instantiate import ALLOW_ENV, check_allowed
+
+    monkeypatch.delenv(ALLOW_ENV, raising=False)
+    if allowed:
+        check_allowed(path, where="k")
+        return
+    with pytest.raises(ConfigError) as e:
+        check_allowed(path, where="c.yaml: key 'x._component_'")
+    assert str(e.value).startswith(f"c.yaml: key 'x._component_': {path} ") and "--allow-components" in str(e.value)
+
+
+def test_allowing_a_package_is_the_users_choice_and_ends_with_the_command(monkeypatch):
+    from tunewright.training.instantiate import ALLOW_ENV, check_allowed, components_allowed
+
+    monkeypatch.setenv(ALLOW_ENV, "mypkg.losses")
+    check_allowed("mypkg.losses.focal", where="k")
+    with pytest.raises(ConfigError):
+        check_allowed("mypkg.other", where="k")  # a prefix of dotted names, not of text
+    with components_allowed(["os.", "torch.hub"]):
+        check_allowed("os.system", where="k")
+        check_allowed("torch.hub.load", where="k")  # named explicitly: allowed
+        check_allowed("mypkg.losses.focal", where="k")
+    assert os.environ[ALLOW_ENV] == "mypkg.losses"
+    with pytest.raises(ConfigError, match="--allow-components: 'my-pkg' is not a dotted package path"):
+        with components_allowed(["my-pkg"]):
+            pass
+
+
+def test_nothing_is_imported_for_a_refused_path(tmp_path, monkeypatch):
+    import sys
+
+    from tunewright.training.instantiate import resolve_component
+
+    (tmp_path / "side_effect_pkg.py").write_text("import pathlib; pathlib.Path(__file__ + '.ran').touch()\n"
+                                                 "def f(): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="outside the packages a config may call"):
+        resolve_component("side_effect_pkg.f")
+    assert "side_effect_pkg" not in sys.modules and not (tmp_path / "side_effect_pkg.py.ran").exists()

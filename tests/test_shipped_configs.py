@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,20 @@ def test_shipped_config_validates(path):
     assert "recipe" in cfg, f"{path} must say which recipe it is for"
     module = import_recipe(REPO / "recipes" / f"{cfg['recipe']}.py")
     validate(cfg, module.Config, str(path))
+
+
+NAMES = {p.relative_to(REPO / "configs").with_suffix("").as_posix(): p for p in CONFIGS}
+
+
+@pytest.mark.parametrize("name", sorted(NAMES))
+def test_config_names_say_where_they_run(name):
+    # torchtune's naming: <size>_<method>_single_device | _distributed; tiny_* (every recipe's
+    # seconds-long config) and the quickstart's are named for what they are.
+    stem = name.split("/")[1]
+    assert re.fullmatch(r"tiny_\w+|[\w.]+_(single_device|distributed|quickstart)", stem), name
+
+
+def test_the_commands_in_config_headers_name_shipped_configs():
+    for name, path in NAMES.items():
+        for mentioned in re.findall(r"--config (\S+)", path.read_text(encoding="utf-8")):
+            assert mentioned in NAMES, f"{name} mentions --config {mentioned}, which is not shipped"

@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import signal
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Sequence
 
-from tunewright.training.config import ConfigError, load_config, to_dict
-from tunewright.training.errors import user_error_line
+from tunewright.training.config import ConfigError, load_config_with_env, remember_env_keys, to_dict
+from tunewright.training.errors import INTERRUPTED, USER_ERRORS, report_user_error, user_error_line
+from tunewright.training.instantiate import components_allowed
 from tunewright.training.schema import build, validate
 
 
@@ -37,10 +39,12 @@ def import_recipe(path: str | Path) -> ModuleType:
 
 
 def load_recipe_config(module: ModuleType, config_path: str | Path, overrides: Sequence[str]) -> Any:
-    """Load + override + validate; returns the recipe's `Config` instance."""
-    cfg = to_dict(load_config(config_path, overrides))
+    """Load + override + validate; returns the recipe's `Config` instance (which remembers the
+    keys that came from environment variables, so `config.yaml` is saved without them)."""
+    loaded, from_env = load_config_with_env(config_path, overrides)
+    cfg = to_dict(loaded)
     validate(cfg, module.Config, str(config_path))
-    return build(cfg, module.Config)
+    return remember_env_keys(build(cfg, module.Config), from_env)
 
 
 def run_recipe_file(recipe_path: str | Path, config_path: str | Path, overrides: Sequence[str]) -> Any:
@@ -49,18 +53,34 @@ def run_recipe_file(recipe_path: str | Path, config_path: str | Path, overrides:
     return module.main(cfg)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input, shown as one line (TUNEWRIGHT_DEBUG=1 shows tracebacks)."""
-    return (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
+_interrupted = False  # a torchrun worker got Ctrl-C (`_stop_quietly`)
+
+
+def _stop_quietly(signum: int, frame: object) -> None:
+    """A torchrun worker's SIGINT: its launcher and `tune run` say it once, so the worker ends
+    without a traceback, and drops what torch prints as the other ranks go (gloo's lost peers)."""
+    global _interrupted
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # once: a second Ctrl-C must not cut the exit short
+    if not _interrupted:
+        _interrupted = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        raise KeyboardInterrupt
 
 
 def exit_on_user_error(fn: Callable[[], Any]) -> Any:
+    """Run `fn`; a user error ends in one `error:` line and exit 2 (TUNEWRIGHT_DEBUG=1 shows
+    the traceback), Ctrl-C in `error: interrupted` and exit 130 (silently in a torchrun worker:
+    whatever a rank raises after the interrupt is part of stopping)."""
     try:
         return fn()
-    except user_errors() as e:
-        if os.environ.get("TUNEWRIGHT_DEBUG"):
+    except (KeyboardInterrupt, Exception) as e:
+        if _interrupted or isinstance(e, KeyboardInterrupt):
+            if not _interrupted:
+                print("error: interrupted", file=sys.stderr)
+            sys.exit(INTERRUPTED)
+        if not isinstance(e, USER_ERRORS) or os.environ.get("TUNEWRIGHT_DEBUG"):
             raise
-        print(user_error_line(e), file=sys.stderr)
+        report_user_error(user_error_line(e))
         sys.exit(2)
 
 
@@ -68,6 +88,17 @@ def recipe_main(recipe_file: str) -> None:
     """`if __name__ == "__main__": recipe_main(__file__)` at the bottom of every recipe."""
     parser = argparse.ArgumentParser(prog=Path(recipe_file).name)
     parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--allow-components", default="", metavar="PKG[,PKG]",
+                        help="packages outside tunewright, torch, torchao whose callables the "
+                        "config may name (also: TUNEWRIGHT_ALLOW_COMPONENTS)")
     parser.add_argument("overrides", nargs="*", help="key=value or ~key")
     args = parser.parse_args()
-    exit_on_user_error(lambda: run_recipe_file(recipe_file, args.config, args.overrides))
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # a torchrun worker
+        signal.signal(signal.SIGINT, _stop_quietly)
+
+    def run() -> Any:
+        with components_allowed([p for p in args.allow_components.split(",") if p.strip()]):
+            return run_recipe_file(recipe_file, args.config, args.overrides)
+
+    exit_on_user_error(run)

@@ -25,6 +25,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from tunewright.training import distributed as dist
+from tunewright.training.schema import PositiveInt
 
 _LOAD_PRETRAINED = ("tunewright.models.load_pretrained", "tunewright.models.pretrained.load_pretrained")
 
@@ -36,15 +37,15 @@ class ParallelConfig:
 
     # null: distributed when torchrun started this process; true: FSDP2 also in one process
     distributed: bool | None = None
-    data_parallel_dim: int | None = None  # default: world size / tensor_parallel_dim
-    tensor_parallel_dim: int = 1
+    data_parallel_dim: PositiveInt | None = None  # default: world size / tensor_parallel_dim
+    tensor_parallel_dim: PositiveInt = 1
     fsdp_cpu_offload: bool = False  # sharded parameters, gradients and optimizer state on CPU
     fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (less memory)
     async_checkpoint: bool = False  # step checkpoints written in the background
     # How long a collective may wait. A sharded save ends in a barrier that waits for the
     # slowest rank's writes; a 70B checkpoint on a slow disk takes many minutes, so the default
     # is well above torch's 10 minutes (gloo) that would kill the run mid-save.
-    collective_timeout_minutes: int = 60
+    collective_timeout_minutes: PositiveInt = 60
 
 
 # ---------------------------------------------------------------- process group and mesh
@@ -68,6 +69,7 @@ def init_distributed(device: torch.device, *, timeout_minutes: int = 60) -> tupl
 
 def close_distributed(created: bool) -> None:
     dist.set_data_parallel_group(None)
+    dist.set_collective_device(None)
     if created and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 

@@ -52,8 +52,10 @@ def save_config(cfg: Any, output_dir: Path) -> None:
     if dist.is_main():
         from omegaconf import OmegaConf
 
-        values = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-        atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(values)))
+        from tunewright.training.config import as_written
+
+        # Values from environment variables (tokens) stay `${oc.env:NAME}`, never in clear.
+        atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(as_written(cfg))))
 
 
 def _plain(value: Any) -> Any:

@@ -5,6 +5,10 @@ it, a value of the wrong type, or a missing required value is a `ConfigError`. K
 `_component_` are checked against the component's own signature: an argument it does not take,
 a required argument that neither the config nor the recipe supplies, or a value whose type
 contradicts the annotation fails too, naming the full key (`optimizer.lrr`) and the file.
+
+Ranges are declared once, in the annotation, so every schema (and every component whose
+signature uses them) is checked the same way: `batch_size: Annotated[int, Range(ge=1)] = 2`.
+A value outside its range is a `ConfigError` naming the key, the bound and the file.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import collections.abc
 import dataclasses
 import difflib
 import inspect
+import operator
+import re
 import types
 import typing
-from typing import Any, Literal, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
 
 from tunewright.training.config import ConfigError
 from tunewright.training.instantiate import COMPONENT_KEY, is_component, resolve_component
@@ -36,12 +43,84 @@ def needs(key: str, default: Any) -> Any:
     return dataclasses.field(default=default, metadata={"needs": key})
 
 
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number: `Annotated[int, Range(ge=1)]`. `hint` says what to write instead,
+    e.g. "null: no limit" for a key where null, not 0, turns a limit off."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    hint: str = ""
+
+    def problem(self, value: float) -> str | None:
+        """Why `value` is out of range (None when it is in range); NaN is never in range."""
+        bounds = [(sign, bound, test) for sign, bound, test in (
+            (">=", self.ge, operator.ge), (">", self.gt, operator.gt),
+            ("<=", self.le, operator.le), ("<", self.lt, operator.lt)) if bound is not None]
+        if all(test(value, bound) for _, bound, test in bounds) and value == value:  # NaN != NaN
+            return None
+        text = " and ".join(f"{sign} {bound if isinstance(bound, int) else f'{bound:g}'}"
+                            for sign, bound, _ in bounds) or "a number"
+        return f"must be {text}" + (f" ({self.hint})" if self.hint else "")
+
+
+@dataclass(frozen=True)
+class Matches:
+    """A string of a given form: `Annotated[str, Matches(r"cpu|cuda(:\\d+)?", "cpu or cuda:N")]`."""
+
+    pattern: str
+    description: str
+
+    def problem(self, value: str) -> str | None:
+        return None if re.fullmatch(self.pattern, value) else f"must be {self.description}"
+
+
+PositiveInt = Annotated[int, Range(ge=1)]  # sizes, counts, steps, cadences
+
+
+def out_of_range(value: Any, tp: Any) -> str | None:
+    """Why `value` (which `matches(value, tp)`) breaks a `Range`/`Matches` in `tp`, or None."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        base, *extras = typing.get_args(tp)
+        for extra in extras:
+            problem = getattr(extra, "problem", None)
+            found = problem(value) if callable(problem) else None
+            if found:
+                return found
+        return out_of_range(value, base)
+    if origin in (Union, types.UnionType):
+        arms = typing.get_args(tp)
+        arm = next((a for a in arms if matches(value, a)), None)
+        problem = None if arm is None else out_of_range(value, arm)
+        if problem and type(None) in arms and "null" not in problem:
+            problem += " or null"
+        return problem
+    if origin in (list, tuple, collections.abc.Sequence) and isinstance(value, (list, tuple)):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if len(args) == 1:
+            return next((p for v in value if (p := out_of_range(v, args[0]))), None)
+    return None
+
+
+def _check_value(value: Any, tp: Any, key: str, source: str) -> None:
+    if not matches(value, tp):
+        raise ConfigError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+    problem = out_of_range(value, tp)
+    if problem:
+        raise ConfigError(f"{source}: key '{key}' {problem}, got {value!r}")
+
+
 def _suggest(key: str, options: list[str]) -> str:
     close = difflib.get_close_matches(key, options, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) in (Union, types.UnionType):
@@ -115,10 +194,7 @@ def check_component(node: dict, key: str, source: str, supplied: tuple[str, ...]
         if arg in supplied:
             raise ConfigError(f"{source}: key '{full}' is set by the recipe; remove it")
         tp = hints.get(arg, params[arg].annotation if arg in params else Any)
-        if not matches(value, tp):
-            raise ConfigError(
-                f"{source}: key '{full}' must be {_type_name(tp)}, got {value!r}"
-            )
+        _check_value(value, tp, full, source)
         _check_nested(value, full, source)
     for name, p in params.items():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is not p.empty:
@@ -158,10 +234,8 @@ def validate(cfg: dict[str, Any], schema: type, source: str) -> None:
                     f"{source}: key '{name}' must be a mapping with a '{COMPONENT_KEY}' key"
                 )
             check_component(value, name, source, f.metadata.get("supplied", ()))
-        elif not matches(value, hints[name]):
-            raise ConfigError(
-                f"{source}: key '{name}' must be {_type_name(hints[name])}, got {value!r}"
-            )
+        else:
+            _check_value(value, hints[name], name, source)
         needed = f.metadata.get("needs")
         if needed is not None and cfg.get(needed) is None:
             raise ConfigError(f"{source}: key '{name}' needs '{needed}' to be set (it is null); "

@@ -15,13 +15,26 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_device(device: str, num_threads: int | None) -> torch.device:
+    """The torch device `device` names, checked to exist here (the schema checks its form)."""
     if num_threads:
         torch.set_num_threads(num_threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for but no GPU is available (set device=cpu)")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # a form torch does not know, e.g. from `tune chat --device`
+        raise ValueError(f"device: '{device}' is not a device (use cpu, cuda, cuda:N, mps or auto)") from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = backend is not None and backend.is_available()
+    if not available:
+        what = "no GPU is available" if dev.type == "cuda" else f"{dev.type} is not available here"
+        raise ValueError(f"device: {device} was asked for but {what} (set device=cpu)")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"device: {device} was asked for but this machine has {count} {dev.type} "
+                         f"device(s), numbered from 0")
     return dev
 
 

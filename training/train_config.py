@@ -1,15 +1,21 @@
 """The top-level keys every training recipe accepts (torchtune's names where it has one).
 
 A recipe's schema subclasses `TrainConfig` and adds only the keys that are new about its
-objective; `training/schema.py` rejects anything else.
+objective; `training/schema.py` rejects anything else. Every number carries its range
+(`PositiveInt`, `Range`), checked with the types before any work: 0 or a negative count is an
+error, never "no limit" (null is).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from tunewright.training.schema import component, needs
+from tunewright.training.schema import Matches, PositiveInt, Range, component, needs
+
+# torch.device strings a recipe can run on; `auto` takes a GPU when there is one.
+Device = Annotated[str, Matches(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", "cpu, cuda, cuda:N, mps, xpu or auto")]
+Seed = Annotated[int, Range(ge=0, le=2**32 - 1)]
 
 
 @dataclass(kw_only=True)
@@ -21,12 +27,12 @@ class RunConfig:
     model: dict[str, Any] = component(required=True)  # e.g. tunewright.models.load_pretrained
     tokenizer: dict[str, Any] = component(required=True)
     dataset: dict[str, Any] = component(supplied=("tokenizer",), required=True)
-    seed: int = 0
-    device: str = "cpu"
+    seed: Seed = 0
+    device: Device = "cpu"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    num_threads: int | None = None  # torch.set_num_threads; None keeps torch's default
-    batch_size: int = 2
-    loss_chunk_size: int = 1024  # tokens per chunk of the output head + cross-entropy
+    num_threads: PositiveInt | None = None  # torch.set_num_threads; None keeps torch's default
+    batch_size: PositiveInt = 2
+    loss_chunk_size: PositiveInt = 1024  # tokens per chunk of the output head + cross-entropy
 
 
 @dataclass(kw_only=True)
@@ -39,26 +45,26 @@ class TrainConfig(RunConfig):
 
     shuffle: bool = True
     group_by_length: bool = False
-    gradient_accumulation_steps: int = 1
-    epochs: int = 1
-    max_steps_per_epoch: int | None = None
-    max_steps: int | None = None
-    clip_grad_norm: float | None = 1.0
+    gradient_accumulation_steps: PositiveInt = 1
+    epochs: PositiveInt = 1
+    max_steps_per_epoch: Annotated[int, Range(ge=1, hint="null: no limit")] | None = None
+    max_steps: Annotated[int, Range(ge=1, hint="null: no limit")] | None = None
+    clip_grad_norm: Annotated[float, Range(gt=0, hint="null: no clipping")] | None = 1.0
     # Compute only real tokens: rows are laid end to end with per-row causal attention
     # (training/unpad.py). Same loss as the padded batch; false computes the padding too.
     padding_free: bool = True
 
     compile: bool = False
     enable_activation_checkpointing: bool = False
-    activation_checkpointing_every: int = 1  # with enable_activation_checkpointing: every k-th block
+    activation_checkpointing_every: PositiveInt = 1  # with enable_activation_checkpointing: every k-th block
     # Tensors saved for backward wait in pinned CPU memory (CUDA; a no-op on CPU): offload.py
     enable_activation_offloading: bool = False
 
-    log_every_n_steps: int = 1
-    eval_every_n_steps: int | None = None
-    max_eval_batches: int | None = None
-    save_every_n_steps: int | None = None
-    keep_last_n_checkpoints: int | None = 2
+    log_every_n_steps: PositiveInt = 1
+    eval_every_n_steps: Annotated[int, Range(ge=1, hint="null: no validation")] | None = None
+    max_eval_batches: Annotated[int, Range(ge=1, hint="null: the whole set")] | None = None
+    save_every_n_steps: Annotated[int, Range(ge=1, hint="null: no step checkpoints")] | None = None
+    keep_last_n_checkpoints: Annotated[int, Range(ge=1, hint="null: keep all")] | None = 2
     resume_from_checkpoint: bool | str = False  # false | true/auto (latest) | a step directory
     # The fine-tuned model in Hugging Face format: <output_dir>/final, or with LoRA the model
     # with its adapters merged in, <output_dir>/merged. null: true for full fine-tuning, false
@@ -70,7 +76,7 @@ class TrainConfig(RunConfig):
     # `stop` ends the run before updating (every finite checkpoint kept, nothing exported);
     # `skip` drops that step's update and goes on, stopping after `max_nonfinite_steps` skips.
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    max_nonfinite_steps: int = 10
+    max_nonfinite_steps: PositiveInt = 10
     # An output_dir holding an earlier run: start over, deleting that run's checkpoints,
     # metrics.jsonl and exports (without it, and without resume, the run refuses to start).
     overwrite_output_dir: bool = False
@@ -81,10 +87,10 @@ class LoRAConfig:
     """The adapter keys of training recipes: `lora_rank` set trains LoRA adapters (only they
     train), null trains every weight; the other keys need it."""
 
-    lora_rank: int | None = None
+    lora_rank: Annotated[int, Range(ge=1, hint="null: full fine-tuning")] | None = None
     lora_targets: list[str] | str = needs("lora_rank", "all-linear")  # q, k, v, o, gate, up, down, output
-    lora_alpha: float = needs("lora_rank", 16.0)
-    lora_dropout: float = needs("lora_rank", 0.0)
+    lora_alpha: Annotated[float, Range(gt=0)] = needs("lora_rank", 16.0)
+    lora_dropout: Annotated[float, Range(ge=0, lt=1)] = needs("lora_rank", 0.0)
     use_rslora: bool = needs("lora_rank", False)
     use_dora: bool = needs("lora_rank", False)
     # gate/up/down of a mixture-of-experts layer: an adapter per expert, one shared, or none

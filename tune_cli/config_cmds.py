@@ -4,23 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunewright.tune_cli.catalog import UsageError, find_config, recipes, suggest
+from tunewright.tune_cli.catalog import UsageError, find_config, find_recipe, recipe_names, suggest
 
 
-def recipe_for_config(recipe: object, config_path: Path) -> Path:
-    """The file a config's `recipe:` value names: a shipped recipe, or a .py path taken relative
-    to the config's folder first, then to the working directory."""
-    shipped = recipes()
+def shipped_recipe_for_config(recipe: object, config_path: Path) -> Path | None:
+    """The shipped recipe a config's `recipe:` value names (aliases too); None for a .py file.
+
+    A config's `recipe: my_sft.py` is not imported on the config's say: importing runs the
+    file, and a config is not trusted to choose code (`tune validate --recipe` names it)."""
+    shipped = recipe_names()
     if not isinstance(recipe, str) or not recipe:
         raise UsageError(f"{config_path}: key 'recipe' must be a recipe name, got {recipe!r}")
     if recipe in shipped:
         return shipped[recipe]
     if recipe.endswith(".py"):
-        path = Path(recipe).expanduser()
-        for candidate in ([path] if path.is_absolute() else [config_path.parent / path, path]):
-            if candidate.is_file():
-                return candidate.resolve()
-        raise UsageError(f"{config_path}: recipe file not found: {recipe}")
+        return None
     raise UsageError(
         f"{config_path}: key 'recipe': unknown recipe '{recipe}'{suggest(recipe, list(shipped))}"
         "; `tune ls` lists the recipes"
@@ -32,21 +30,29 @@ def cmd_validate(args) -> int:
     label = config_name or args.config
 
     from tunewright.training.config import load_config, to_dict
+    from tunewright.training.instantiate import components_allowed
 
-    cfg = to_dict(load_config(config_path, args.overrides))
-    if cfg.get("recipe") is None:
-        print(
-            f"Config {label} loads and resolves, but has no 'recipe:' key, so its keys were not "
-            "checked against a recipe's schema (add `recipe: NAME` to check them)"
-        )
-        return 0
-    recipe_path = recipe_for_config(cfg["recipe"], config_path)
+    with components_allowed(args.allow_components.split(",") if args.allow_components else []):
+        cfg = to_dict(load_config(config_path, args.overrides))
+        if args.recipe is not None:
+            recipe_path, recipe = find_recipe(args.recipe)[0], args.recipe  # named by the user
+        elif cfg.get("recipe") is None:
+            print(f"Config {label} loads and resolves, but has no 'recipe:' key, so its keys were "
+                  "not checked against a recipe's schema (add `recipe: NAME`, or pass --recipe)")
+            return 0
+        else:
+            recipe, recipe_path = cfg["recipe"], shipped_recipe_for_config(cfg["recipe"], config_path)
+            if recipe_path is None:
+                print(f"Config {label} loads and resolves; its recipe {recipe} is a Python file, which "
+                      "tune validate does not run because a config names it, so its keys were not "
+                      f"checked: `tune validate {args.config} --recipe FILE` checks them against FILE")
+                return 0
 
-    from tunewright.training.entry import import_recipe
-    from tunewright.training.schema import validate
+        from tunewright.training.entry import import_recipe
+        from tunewright.training.schema import validate
 
-    validate(cfg, import_recipe(recipe_path).Config, str(config_path))
-    print(f"Config is well-formed! {label} matches the schema of recipe {cfg['recipe']}")
+        validate(cfg, import_recipe(recipe_path).Config, str(config_path))
+    print(f"Config is well-formed! {label} matches the schema of recipe {recipe}")
     return 0
 
 

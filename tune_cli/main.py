@@ -13,7 +13,7 @@ import sys
 from typing import Callable, NoReturn, Sequence
 
 import tunewright
-from tunewright.training.errors import user_error_line
+from tunewright.training.errors import INTERRUPTED, USER_ERRORS, user_error_line
 from tunewright.tune_cli.catalog import UsageError, cmd_cp, cmd_ls, suggest
 from tunewright.tune_cli.config_cmds import cmd_cat, cmd_validate
 from tunewright.tune_cli.download import DEFAULT_IGNORE, cmd_download
@@ -26,8 +26,11 @@ examples:
   tune run --nproc_per_node 2 sft --config llama/tiny_full_distributed
   tune cp sft my_sft.py && tune run my_sft.py --config llama/tiny_lora   # edit the loop
   tune validate my_config.yaml optimizer.lr=1e-4
+  tune run generate --config llama/tiny_generate prompt="Reverse the letters: abc"
   tune download HuggingFaceTB/SmolLM2-135M --output-dir ./SmolLM2-135M
   tune quickstart                  # LoRA fine-tune of SmolLM2-135M-Instruct, offline
+
+A config is code (its _component_ entries name the callables it runs): run configs you trust.
 """
 
 RUN_HELP = """\
@@ -35,22 +38,20 @@ Run a recipe (a shipped name or a path to a .py file) with a config (a shipped n
 a YAML file). Overrides `key=value` (`optimizer.lr=1e-4`) and `~key` (delete) apply on top; the
 config is checked against the recipe's schema before any work starts.
 
-Without torchrun flags the recipe runs in this process. With any of them, tune runs
-`python -m torch.distributed.run FLAGS RECIPE.py --config CONFIG OVERRIDES`.
+Without torchrun flags the recipe runs in this process. With any of them, tune runs torchrun
+(`python -m tunewright.tune_cli.launch FLAGS RECIPE.py --config CONFIG OVERRIDES`, which is
+`torch.distributed.run`) and waits for it; Ctrl-C stops every process and prints one line.
 torchrun flags (before RECIPE, `--flag V` or `--flag=V`, dashes or underscores):
   --nproc_per_node --nnodes --node_rank --master_addr --master_port --standalone
   --rdzv_endpoint --rdzv_backend --rdzv_id --rdzv_conf --max_restarts --monitor_interval
   --start_method --log_dir --redirects --tee --local_ranks_filter
+
+A config is code: its `_component_`s may name callables of tunewright, torch and torchao only.
+  --allow-components PKG[,PKG]   also allow these packages (or TUNEWRIGHT_ALLOW_COMPONENTS)
 """
 
 
 COMMAND_MODULES = ("convert_gguf", "merge_lora", "chat", "quickstart")
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    # A superset of `training.entry.user_errors()` (not imported here: it pulls in OmegaConf),
-    # so `tune run` shows a recipe's errors the way `python recipe.py` does.
-    return (ValueError, KeyError, OSError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,6 +100,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "its `recipe:` key names, without running anything.",
     )
     _config_args(p)
+    p.add_argument("--recipe", default=None, metavar="RECIPE",
+                   help="check against this recipe (a name or a .py file) instead of the one the "
+                   "config's `recipe:` names; a .py file a config names is never imported on its say")
+    _allow_components_arg(p)
     p.set_defaults(handler=cmd_validate)
 
     p = sub.add_parser(
@@ -130,6 +135,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     for name in COMMAND_MODULES:
         importlib.import_module(f"tunewright.tune_cli.{name}").add_parser(sub)
     return parser, sub.choices
+
+
+def _allow_components_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-components", default="", metavar="PKG[,PKG]",
+                   help="packages outside tunewright, torch and torchao whose callables the config "
+                   "may name as `_component_` (also: TUNEWRIGHT_ALLOW_COMPONENTS); a config is code")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -175,11 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except BrokenPipeError:  # `tune cat CFG | head`: the reader left; Python's advice on EPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except _user_errors() as e:
+    except USER_ERRORS as e:  # the same as `python recipe.py` (training/entry.py)
         if os.environ.get("TUNEWRIGHT_DEBUG"):
             raise
         print(user_error_line(e), file=sys.stderr)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -177,9 +179,31 @@ def _report(work: Path, base: dict, tuned: dict, run_dir: Path, seconds: float) 
     print(f"merged model (Hugging Face):    {run_dir / 'merged'}")
     print(f"training metrics:               {run_dir / 'metrics.jsonl'}")
     print(f"results:                        {work / 'summary.json'}")
-    print(f"try it:  tune chat {run_dir / 'merged'} --system {json.dumps(SYSTEM_PROMPT)} "
+    tune, activate = tune_command()
+    print(f"try it:  {tune} chat {run_dir / 'merged'} --system {json.dumps(SYSTEM_PROMPT)} "
           "--prompt 'Calculate 48 + 27.'")
+    if activate:
+        print(f"         (`source {activate}` puts `tune` on your PATH, as the README writes it)")
     print(f"total time {_minutes(seconds)}")
+
+
+def tune_command() -> tuple[str, str | None]:
+    """How this shell can call `tune`: ("tune", None) when PATH finds this one, else the script's
+    path (relative to the working directory when under it: `.venv/bin/tune`, as after `make
+    quickstart`) and the venv's activate script, if any."""
+    script = Path(sys.executable).parent / "tune"
+    found = shutil.which("tune")
+    if found and Path(found).resolve() == script.resolve():
+        return "tune", None
+
+    def shown(path: Path) -> str:
+        try:
+            return str(path.relative_to(Path.cwd()))
+        except ValueError:
+            return str(path)
+
+    activate = script.parent / "activate"
+    return shown(script), shown(activate) if activate.is_file() else None
 
 
 def _read_predictions(eval_dir: Path) -> list[dict]:

@@ -1,17 +1,26 @@
 """`tune run [TORCHRUN FLAGS] RECIPE --config CONFIG [key=value | ~key ...]`.
 
 Without torchrun flags the recipe runs in this process through `run_recipe_file`. With them,
-`tune` replaces itself with `python -m torch.distributed.run FLAGS recipe.py --config CFG ...`
-and each worker's `recipe_main` loads the config; the config is checked here first so that a
-typo prints one line instead of one per worker plus torchrun's failure report.
+`tune` runs torchrun (`tune_cli/launch.py`: `torch.distributed.run`, quiet on Ctrl-C) as a child
+it waits for, with `recipe.py --config CFG ...`, and each worker's `recipe_main` loads the
+config; the config and the flags' values are checked here first, so that a typo prints one line
+instead of one per worker plus torchrun's failure report. Ctrl-C (or SIGTERM) is passed to the
+child, which stops the workers; `tune` then prints one line and exits 130 (143).
+
+`--allow-components PKG[,PKG]` (anywhere before the overrides) lets the config call
+`_component_`s of packages outside tunewright, torch and torchao (`training/instantiate.py`).
 """
 
 from __future__ import annotations
 
-import os
+import re
+import signal
+import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tunewright.tune_cli.catalog import UsageError, canonical, find_config, find_recipe, recipe_of, suggest
 
@@ -23,6 +32,48 @@ LAUNCHER_OPTIONS = (
     "monitor_interval", "start_method", "log_dir", "redirects", "tee", "local_ranks_filter",
 )  # fmt: skip
 LAUNCHER_SWITCHES = ("standalone",)
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[str], bool]:
+    return lambda v: v.isdigit() and low <= int(v) and (high is None or int(v) <= high)
+
+
+def _positive_number(v: str) -> bool:
+    try:
+        return float(v) > 0
+    except ValueError:
+        return False
+
+
+def _nnodes(v: str) -> bool:
+    parts = v.split(":")
+    return len(parts) <= 2 and all(_integer(1)(p) for p in parts) and int(parts[0]) <= int(parts[-1])
+
+
+_STD = re.compile(r"[0-3]|\d+:[0-3](,\d+:[0-3])*")  # torchrun's Std: one value, or rank:value pairs
+# What torchrun accepts for each flag's value, checked before it starts (it would print a
+# traceback per bad value, after importing torch); flags not listed take any text.
+LAUNCHER_VALUES: dict[str, tuple[Callable[[str], bool], str]] = {
+    "nproc_per_node": (lambda v: _integer(1)(v) or v in ("auto", "cpu", "gpu", "xpu"),
+                       "a number of processes per node >= 1, or auto, cpu, gpu, xpu"),
+    "nnodes": (_nnodes, "a number of nodes >= 1, or MIN:MAX"),
+    "node_rank": (_integer(0), "this node's index, >= 0"),
+    "master_port": (_integer(1, 65535), "a port number, 1 to 65535"),
+    "max_restarts": (_integer(0), "a number >= 0"),
+    "monitor_interval": (_positive_number, "a number of seconds > 0"),
+    "start_method": (lambda v: v in ("spawn", "fork", "forkserver"), "spawn, fork or forkserver"),
+    "redirects": (lambda v: bool(_STD.fullmatch(v)), "0-3, or LOCAL_RANK:0-3 pairs such as 0:3,1:0"),
+    "tee": (lambda v: bool(_STD.fullmatch(v)), "0-3, or LOCAL_RANK:0-3 pairs such as 0:3,1:0"),
+    "local_ranks_filter": (lambda v: bool(re.fullmatch(r"\d+(,\d+)*", v)), "local ranks such as 0 or 0,1"),
+}
+
+
+def check_launcher_value(name: str, value: str) -> None:
+    """One line for a torchrun flag value torchrun would reject (`--nproc_per_node abc`)."""
+    flag = name.lstrip("-").replace("-", "_")
+    ok, wanted = LAUNCHER_VALUES.get(flag, (lambda v: bool(v.strip()), "a value"))
+    if not ok(value):
+        raise UsageError(f"{name} {value!r}: must be {wanted} (a torchrun flag; see `tune run --help`)")
 
 USAGE = "tune run [TORCHRUN FLAGS] RECIPE --config CONFIG [key=value | ~key ...]"
 
@@ -37,6 +88,7 @@ class RunArgs:
     config: str
     overrides: list[str] = field(default_factory=list)
     launcher: list[str] = field(default_factory=list)  # torchrun flags as the user wrote them
+    allow_components: list[str] = field(default_factory=list)  # --allow-components, split at ","
 
 
 def parse_run_args(argv: list[str]) -> RunArgs:
@@ -45,21 +97,26 @@ def parse_run_args(argv: list[str]) -> RunArgs:
     config: str | None = None
     overrides: list[str] = []
     launcher: list[str] = []
+    allow: list[str] = []
     i = 0
     while i < len(argv):
         tok = argv[i]
         name, eq, value = tok.partition("=")
         if tok in ("-h", "--help"):
             raise HelpRequested
-        if name == "--config":
-            if config is not None:
-                raise UsageError("--config is given twice")
+        if name in ("--config", "--allow-components", "--allow_components"):
             if not eq:
                 if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
-                    raise UsageError("--config needs a value: a config name or a YAML file")
+                    what = "a config name or a YAML file" if name == "--config" else "packages such as mypkg"
+                    raise UsageError(f"{name} needs a value: {what}")
                 i += 1
                 value = argv[i]
-            config = value
+            if name != "--config":
+                allow += [p for p in value.split(",") if p.strip()]
+            elif config is not None:
+                raise UsageError("--config is given twice")
+            else:
+                config = value
         elif tok.startswith("-") and recipe is None:
             flag = name.lstrip("-").replace("-", "_")
             if flag in LAUNCHER_SWITCHES:
@@ -67,15 +124,15 @@ def parse_run_args(argv: list[str]) -> RunArgs:
                     raise UsageError(f"{name} takes no value")
                 launcher.append(tok)
             elif flag in LAUNCHER_OPTIONS:
-                if eq:
-                    launcher.append(tok)
-                elif i + 1 < len(argv):
-                    launcher += [tok, argv[i + 1]]
+                if not eq:
+                    if i + 1 >= len(argv):
+                        raise UsageError(f"{name} needs a value")
                     i += 1
-                else:
-                    raise UsageError(f"{name} needs a value")
+                    value = argv[i]
+                check_launcher_value(name, value)
+                launcher += [tok] if eq else [tok, value]
             else:
-                known = [f"--{f}" for f in LAUNCHER_OPTIONS + LAUNCHER_SWITCHES]
+                known = [f"--{f}" for f in LAUNCHER_OPTIONS + LAUNCHER_SWITCHES] + ["--allow-components"]
                 raise UsageError(
                     f"unknown option '{name}' for tune run{suggest('--' + flag, known)}; "
                     "see `tune run --help`"
@@ -94,17 +151,49 @@ def parse_run_args(argv: list[str]) -> RunArgs:
         raise UsageError(f"missing RECIPE; usage: {USAGE}")
     if config is None:
         raise UsageError(f"missing --config CONFIG; usage: {USAGE}")
-    return RunArgs(recipe, config, overrides, launcher)
+    return RunArgs(recipe, config, overrides, launcher, allow)
 
 
 def torchrun_argv(
     launcher: list[str], recipe_path: Path, config_path: Path, overrides: list[str]
 ) -> list[str]:
-    """The command a distributed `tune run` executes; the recipe's `recipe_main` reads it."""
+    """The command a distributed `tune run` starts; the recipe's `recipe_main` reads it."""
     return [
-        sys.executable, "-m", "torch.distributed.run", *launcher,
+        sys.executable, "-m", "tunewright.tune_cli.launch", *launcher,
         str(recipe_path), "--config", str(config_path), *overrides,
     ]  # fmt: skip
+
+
+def launch(cmd: list[str]) -> int:
+    """Run `cmd` (torchrun) and wait for it. The first SIGINT or SIGTERM this process gets is
+    passed on (Ctrl-C in a terminal reaches the child too: it stops once) and ends in one line."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    received: list[int] = []
+    child: subprocess.Popen | None = None
+
+    def forward(signum: int, frame: object) -> None:
+        if not received:
+            received.append(signum)
+            if child is not None and child.poll() is None:
+                child.send_signal(signum)
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    in_main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = {sig: signal.signal(sig, forward) for sig in handled} if in_main else {}
+    try:
+        child = subprocess.Popen(cmd)
+        if received:  # it came while the child was starting
+            child.send_signal(received[0])
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        what = "interrupted" if received[0] == signal.SIGINT else "terminated"
+        print(f"error: {what}: stopped torchrun and its workers", file=sys.stderr)
+        return 128 + received[0]
+    return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
 
 
 def check_recipe_matches(recipe: str, config_path: Path, config_label: str, overrides: list[str]):
@@ -130,13 +219,11 @@ def cmd_run(argv: list[str]) -> int:
         check_recipe_matches(recipe_name, config_path, config_name or args.config, args.overrides)
 
     from tunewright.training.entry import import_recipe, load_recipe_config, run_recipe_file
+    from tunewright.training.instantiate import components_allowed
 
-    if not args.launcher:
-        run_recipe_file(recipe_path, config_path, args.overrides)
-        return 0
-    load_recipe_config(import_recipe(recipe_path), config_path, args.overrides)
-    cmd = torchrun_argv(args.launcher, recipe_path, config_path, args.overrides)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(cmd[0], cmd)  # does not return: torchrun owns the terminal and the exit status
-    return 0  # pragma: no cover
+    with components_allowed(args.allow_components):  # the workers inherit it
+        if not args.launcher:
+            run_recipe_file(recipe_path, config_path, args.overrides)
+            return 0
+        load_recipe_config(import_recipe(recipe_path), config_path, args.overrides)
+        return launch(torchrun_argv(args.launcher, recipe_path, config_path, args.overrides))
