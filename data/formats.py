@@ -15,7 +15,7 @@ A malformed row raises `DataError`; `SFTDataset` prefixes it with the source and
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Mapping, Union
+from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
 from tunewright.data.tokenizer.base import Message
 
@@ -65,6 +65,25 @@ def make_converter(
             raise ValueError("system_prompt does not apply to format 'text' (plain completion)")
         return lambda row: _string_field(row, columns.get("text", "text"))
     raise ValueError(f"unknown dataset format {format!r}; expected one of {', '.join(FORMATS)}")
+
+
+def check_columns(
+    format: Format, columns: Sequence[str], *, column_map: Mapping[str, str] | None = None, source: str
+) -> None:
+    """DataError naming `source`, the columns it has and `column_map` when a column `format`
+    needs is absent (a row that only leaves a cell empty is reported by its converter)."""
+    mapped = dict(column_map or {})
+    needed = {"instruct": [("instruction",), ("output",)], "chat": [("messages", "conversations")],
+              "text": [("text",)]}[format]
+    for alternatives in needed:
+        names = [mapped.get(field, field) for field in alternatives]
+        if any(name in columns for name in names):
+            continue
+        wanted = " or ".join(repr(n) for n in names)
+        example = ", ".join(f"{field}: <your column>" for field in alternatives[:1])
+        raise DataError(f"{source}: format {format!r} needs a column {wanted}; the columns are "
+                        f"{', '.join(columns) or 'none'} (map yours with dataset.column_map, "
+                        f"e.g. column_map: {{{example}}})")
 
 
 def instruct_messages(

@@ -11,7 +11,9 @@ Shifting here rather than in the loss has two consequences that the rest of the 
   is ever asked to predict the first token of the next document.
 
 Truncation to `max_seq_len` cuts the tokens and then derives the labels, so a truncated item
-also ends with -100 (the same rule `PackedDataset` applies).
+also ends with -100 (the same rule `PackedDataset` applies). A row left without any target (its
+reply cut off) would only add padding to a batch: it is dropped and counted
+(`dropped_warning`), and a dataset with no target at all is a `DataError` saying why.
 
 Rows are tokenized eagerly, once, into flat arrays: item lengths are then known up front for
 packing and length-grouped sampling, and memory stays at ~5 bytes per token instead of Python
@@ -20,17 +22,16 @@ lists of ints.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sized
+from typing import Any, Iterable, Mapping, Sized
 
 import numpy as np
 import torch
 
-from tunewright.data.formats import DataError, Format, make_converter
+from tunewright.data.formats import Converter, DataError, Format, check_columns, make_converter
+from tunewright.data.packing import PackedDataset  # at run time: the config schema reads annotations
 from tunewright.data.sources import load_rows
-from tunewright.data.tokenizer.base import IGNORE_INDEX, Tokenizer
-
-if TYPE_CHECKING:
-    from tunewright.data.packing import PackedDataset
+from tunewright.data.tokenizer.base import IGNORE_INDEX, TokenCount, Tokenizer
+from tunewright.data.tokenizer.chat import ChatTemplateError
 
 
 def plain_ids(tokenizer: Tokenizer, messages: list) -> tuple[list[int], list[bool]]:
@@ -78,18 +79,52 @@ class SFTDataset(torch.utils.data.Dataset):
             raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
         convert = make_converter(format, column_map=column_map, system_prompt=system_prompt)
         self.max_seq_len = max_seq_len
+        self.source = source
+        # The tokenizer may cut chat turns itself (its own max_seq_len): either limit can leave
+        # a row without its reply.
+        limits = [n for n in (max_seq_len, getattr(tokenizer, "max_seq_len", None)) if n is not None]
+        limit = self._limit = min(limits) if limits else None
 
         from tqdm.auto import tqdm  # lazy; disable=None hides the bar when not on a terminal
 
         chunks_tokens: list[np.ndarray] = []
         chunks_trained: list[np.ndarray] = []
         lengths: list[int] = []
+        self.num_rows_read = self.num_dropped = self.num_cut = 0
         total = len(rows) if isinstance(rows, Sized) else None
-        for index, row in enumerate(tqdm(rows, total=total, desc="tokenizing", disable=None)):
-            try:
-                converted = convert(row)
-            except DataError as e:
-                raise DataError(f"{source} row {index}: {e}") from None
+        index = -1
+        try:
+            for index, row in enumerate(tqdm(rows, total=total, desc="tokenizing", disable=None)):
+                ids, trained = self._tokenize(row, index, tokenizer, convert, chat_template, train_on_input)
+                if max_seq_len is not None and len(ids) > max_seq_len:
+                    ids, trained = ids[:max_seq_len], trained[:max_seq_len]
+                    if not chat_template:  # torchtune's rule for its plain instruct datasets
+                        ids[-1] = tokenizer.eos_id
+                self.num_rows_read += 1
+                if not any(trained[1:]):  # labels[i] is trained[i + 1]: no target at all
+                    self.num_dropped += 1
+                    self.num_cut += limit is not None and len(ids) >= limit
+                    continue
+                chunks_tokens.append(np.asarray(ids, dtype=np.int64))
+                chunks_trained.append(np.asarray(trained, dtype=np.bool_))
+                lengths.append(len(ids))
+        except UnicodeDecodeError:  # a parquet/arrow/Hub column holding bytes that are not UTF-8
+            raise DataError(f"{source} row {index + 1}: text that is not valid UTF-8") from None
+        if not lengths:
+            raise DataError(self._nothing_to_train())
+
+        self._lengths = np.asarray(lengths, dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(self._lengths)])
+        # int32 halves memory; every real vocabulary fits.
+        self._tokens = np.concatenate([np.zeros(0, np.int32), *chunks_tokens]).astype(np.int32)
+        self._trained = np.concatenate([np.zeros(0, np.bool_), *chunks_trained])
+
+    def _tokenize(self, row: Mapping[str, Any], index: int, tokenizer: Tokenizer, convert: Converter,
+                  chat_template: bool, train_on_input: bool) -> tuple[list[int], list[bool]]:
+        """Ids and trained-mask of one row; a bad row or a template that fails on it is a
+        `DataError` naming the source and the row."""
+        try:
+            converted = convert(row)
             if isinstance(converted, str):  # plain text: the whole document is the target
                 ids = tokenizer.encode(converted, add_bos=True, add_eos=True)
                 trained = [True] * len(ids)
@@ -97,22 +132,36 @@ class SFTDataset(torch.utils.data.Dataset):
                 ids, trained = tokenizer.tokenize_messages(converted)
             else:
                 ids, trained = plain_ids(tokenizer, converted)
-            if train_on_input:
-                trained = [True] * len(ids)
-            assert len(ids) == len(trained), "tokenizer returned ids and mask of different length"
-            if max_seq_len is not None and len(ids) > max_seq_len:
-                ids, trained = ids[:max_seq_len], trained[:max_seq_len]
-                if not chat_template:  # torchtune's rule for its plain instruct datasets
-                    ids[-1] = tokenizer.eos_id
-            chunks_tokens.append(np.asarray(ids, dtype=np.int64))
-            chunks_trained.append(np.asarray(trained, dtype=np.bool_))
-            lengths.append(len(ids))
+        except (DataError, ChatTemplateError) as e:
+            raise DataError(f"{self.source} row {index}: {e}") from None
+        if train_on_input:
+            trained = [True] * len(ids)
+        assert len(ids) == len(trained), "tokenizer returned ids and mask of different length"
+        return ids, trained
 
-        self._lengths = np.asarray(lengths, dtype=np.int64)
-        self._offsets = np.concatenate([[0], np.cumsum(self._lengths)])
-        # int32 halves memory; every real vocabulary fits.
-        self._tokens = np.concatenate([np.zeros(0, np.int32), *chunks_tokens]).astype(np.int32)
-        self._trained = np.concatenate([np.zeros(0, np.bool_), *chunks_trained])
+    def _nothing_to_train(self) -> str:
+        if self.num_rows_read == 0:
+            return f"{self.source}: no rows"
+        return (f"{self.source}: no row has a target token, nothing to train on "
+                f"({self._drop_reasons()}); raise max_seq_len or shorten the prompts")
+
+    def dropped_warning(self) -> str | None:
+        """One line counting the rows dropped for lack of a target token, or None."""
+        if not self.num_dropped:
+            return None
+        return (f"warning: {self.source}: dropped {self.num_dropped} of {self.num_rows_read} rows that "
+                f"have no target token ({self._drop_reasons()})")
+
+    def _drop_reasons(self) -> str:
+        reasons = [f"{self.num_cut} cut off at max_seq_len={self._limit} before their reply"] if self.num_cut else []
+        if self.num_cut < self.num_dropped:
+            reasons.append(f"{self.num_dropped - self.num_cut} with nothing to train on (an empty reply?)")
+        return ", ".join(reasons)
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id in the data (-1 if none), to check against the model's vocabulary."""
+        return int(self._tokens.max()) if len(self._tokens) else -1
 
     def __len__(self) -> int:
         return len(self._lengths)
@@ -142,7 +191,7 @@ def sft_dataset(
     split: str = "train",
     format: Format = "instruct",
     column_map: dict[str, str] | None = None,
-    max_seq_len: int | None = None,
+    max_seq_len: TokenCount | None = None,
     train_on_input: bool = False,
     packed: bool = False,
     system_prompt: str | None = None,
@@ -169,6 +218,11 @@ def sft_dataset(
     # Check format, column_map and system_prompt before the possibly long load.
     make_converter(format, column_map=column_map, system_prompt=system_prompt)
     rows = load_rows(source, data_files=data_files, split=split)
+    described = _describe(source, data_files, split)
+    if len(rows) == 0:
+        raise DataError(f"{described}: no rows (an empty file or split)")
+    # Before tokenizing: a whole column missing is a config problem, not row 0's.
+    check_columns(format, rows.column_names, column_map=column_map, source=described)
     dataset = SFTDataset(
         rows,
         tokenizer,
@@ -177,13 +231,11 @@ def sft_dataset(
         max_seq_len=max_seq_len,
         train_on_input=train_on_input,
         system_prompt=system_prompt,
-        source=_describe(source, data_files, split),
+        source=described,
         chat_template=chat_template,
     )
     if not packed:
         return dataset
-    from tunewright.data.packing import PackedDataset
-
     assert max_seq_len is not None
     return PackedDataset(dataset, max_seq_len=max_seq_len, pad_id=tokenizer.pad_id)
 

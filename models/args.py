@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 FULL, SLIDING = "full_attention", "sliding_attention"  # HF `layer_types` values
 
@@ -52,6 +52,11 @@ class ModelArgs:
     expert_dim: int | None = None  # hidden size of one expert; None: intermediate_dim
     norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to one
     dense_layers: tuple[int, ...] = ()  # layers that keep a dense MLP in an MoE model
+
+    def __post_init__(self) -> None:
+        problem = next(_shape_problems(self), None)
+        if problem is not None:
+            raise ValueError(problem)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -97,3 +102,44 @@ class ModelArgs:
             total += attn + norms + (moe if self.is_moe_layer(i) else dense)
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
         return self.vocab_size * self.dim + total + self.dim + head
+
+
+# Our field -> the config.json key it is read from, so that a message names what the user edits.
+_HF_NAMES = {"dim": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "num_kv_heads": "num_key_value_heads", "intermediate_dim": "intermediate_size",
+             "max_seq_len": "max_position_embeddings", "experts_per_token": "num_experts_per_tok"}
+_POSITIVE = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "intermediate_dim", "max_seq_len")
+
+
+def _name(field: str) -> str:
+    return f"{_HF_NAMES[field]} ({field})" if field in _HF_NAMES else field
+
+
+def _shape_problems(a: ModelArgs) -> Iterator[str]:
+    """Why these args cannot build a decoder, first problem first (lazily: a later check may
+    divide by what an earlier one found to be zero). Checked when the args are made, so a bad config.json fails before any
+    weight is read, not as an assertion deep in attention."""
+    for field_name in _POSITIVE:
+        value = getattr(a, field_name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            yield f"{_name(field_name)} must be a positive whole number, got {value!r}"
+    if a.head_dim is not None and (not isinstance(a.head_dim, int) or a.head_dim < 1):
+        yield f"head_dim must be a positive whole number, got {a.head_dim!r}"
+    if a.num_heads % a.num_kv_heads:
+        yield (f"{_name('num_kv_heads')} = {a.num_kv_heads} does not divide {_name('num_heads')} = "
+               f"{a.num_heads}: each key/value head serves a whole group of query heads")
+    if a.head_dim is None and a.dim % a.num_heads:
+        yield (f"{_name('num_heads')} = {a.num_heads} does not divide {_name('dim')} = {a.dim} "
+               f"(and no head_dim is given)")
+    rotary = a.rotary_dim or a.resolved_head_dim
+    if rotary % 2 or rotary > a.resolved_head_dim:
+        yield f"the rotary dim {rotary} must be even and at most the head dim {a.resolved_head_dim}"
+    if a.num_experts < 0 or (a.num_experts and not 1 <= a.experts_per_token <= a.num_experts):
+        yield (f"{_name('experts_per_token')} = {a.experts_per_token} must be between 1 and the "
+               f"number of experts, {a.num_experts}")
+    if a.sliding_window is not None and a.sliding_window < 1:
+        yield f"sliding_window must be positive, got {a.sliding_window}"
+    if a.layer_types is not None and (len(a.layer_types) != a.num_layers
+                                      or not set(a.layer_types) <= {FULL, SLIDING}):
+        yield (f"layer_types must list {FULL!r} or {SLIDING!r} for each of the {a.num_layers} "
+               f"layers, got {list(a.layer_types)}")

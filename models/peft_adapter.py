@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunewright.data.files import read_json
+from tunewright.models.pretrained import check_finite, read_safetensors
 from tunewright.models.registry import get_family
 from tunewright.models.weight_map import WeightMap
 from tunewright.modules.peft.apply import TARGETS, apply_lora, expert_lora_modules, lora_modules, target_paths
@@ -130,9 +132,15 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_CONFIG} (not a PEFT adapter directory)")
-    cfg = json.loads(path.read_text())
+    cfg = read_json(path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')} is not supported (only LORA)")
+    for key, kind in (("r", int), ("lora_alpha", (int, float))):
+        value = cfg.get(key)
+        if key in cfg and (isinstance(value, bool) or not isinstance(value, kind) or value <= 0):
+            raise ValueError(f"{path}: '{key}' must be a positive number, got {value!r}")
+    if "lora_alpha" not in cfg:
+        raise ValueError(f"{path}: lacks 'lora_alpha' (the adapter's scale is lora_alpha / r)")
     return cfg
 
 
@@ -210,13 +218,13 @@ def _plan(model: nn.Module, groups: dict[str, tuple[str, ...]], tensors: dict[st
 
 def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """Add the adapter saved in `adapter_dir` (by us or by PEFT) to `model`, in place."""
-    from safetensors.torch import load_file
-
     cfg = read_adapter_config(adapter_dir)
     weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}")
-    tensors = load_file(str(weights_path))
+    tensors = read_safetensors(weights_path)
+    for name, tensor in tensors.items():
+        check_finite(tensor, name, weights_path)
     # PEFT may save with the adapter name inside the key (".default."); drop it.
     tensors = {k.replace(".default.", ".").replace(".default", ""): v for k, v in tensors.items()}
     use_dora = bool(cfg.get("use_dora", False))

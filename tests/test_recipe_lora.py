@@ -19,7 +19,7 @@ FAST = ["batch_size=4", "eval_every_n_steps=null", "progress_bar=false", "num_th
 
 # Losses of steps 1, 4 and 8 of the run below (fp32, CPU, torch 2.13). A change of maths
 # (loss normalisation, LoRA init/scale, data order) moves them; a refactor must not.
-GOLDEN = {1: 5.6764, 4: 5.4696, 8: 5.2401}
+GOLDEN = {1: 5.7440, 4: 5.4146, 8: 5.2359}
 
 
 def test_lora_recipe_loss_values_and_exports(tmp_path):

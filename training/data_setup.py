@@ -1,15 +1,21 @@
-"""From the config's tokenizer and datasets to the resumable batches a training loop iterates."""
+"""From the config's tokenizer and datasets to the resumable batches a training loop iterates.
+
+`build_data` runs before the model loads, so everything that can be known about the data is
+checked here, in seconds: the model's config.json (its shape, its vocabulary), the tokenizer
+files and chat template, every row of every dataset, and that the tokenizer's ids fit the model.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 from tunewright.data.collate import collate_padded
 from tunewright.data.sampler import ResumableSampler
 from tunewright.training import distributed as dist
 from tunewright.training.batching import Batches
-from tunewright.training.instantiate import instantiate
+from tunewright.training.instantiate import instantiate, resolve_component
 
 
 def make_batches(
@@ -36,12 +42,60 @@ def make_batches(
 
 def build_data(cfg: Any) -> tuple[Any, Batches, Batches | None]:
     """(tokenizer, train batches, validation batches or None) from `tokenizer`, `dataset`,
-    `val_dataset`, `batch_size`, `shuffle`, `group_by_length` and `seed`."""
+    `val_dataset`, `batch_size`, `shuffle`, `group_by_length` and `seed`; `model` is only read
+    for its config.json."""
+    model_dir, vocab_size = model_vocab(cfg.model)
     tokenizer = instantiate(cfg.tokenizer)
-    batching = dict(pad_id=tokenizer.pad_id, batch_size=cfg.batch_size, seed=cfg.seed)
-    train = make_batches(instantiate(cfg.dataset, tokenizer=tokenizer), shuffle=cfg.shuffle,
-                         group_by_length=cfg.group_by_length, **batching)
-    val = None
+    datasets = {"dataset": instantiate(cfg.dataset, tokenizer=tokenizer)}
     if cfg.val_dataset is not None:
-        val = make_batches(instantiate(cfg.val_dataset, tokenizer=tokenizer), shuffle=False, **batching)
+        datasets["val_dataset"] = instantiate(cfg.val_dataset, tokenizer=tokenizer)
+    for dataset in datasets.values():
+        warn_dropped_rows(dataset)
+        if vocab_size is not None:
+            check_ids_fit(dataset, tokenizer, vocab_size, model_dir)
+    batching = dict(pad_id=tokenizer.pad_id, batch_size=cfg.batch_size, seed=cfg.seed)
+    train = make_batches(datasets["dataset"], shuffle=cfg.shuffle, group_by_length=cfg.group_by_length, **batching)
+    val = make_batches(datasets["val_dataset"], shuffle=False, **batching) if "val_dataset" in datasets else None
     return tokenizer, train, val
+
+
+def model_vocab(model_cfg: Mapping[str, Any]) -> tuple[Path | None, int | None]:
+    """(directory, vocab_size) of the Hugging Face model a `model` node loads, from its
+    config.json alone (a bad shape fails here, naming the file); (None, None) for a model
+    component that is not read from such a directory."""
+    from tunewright.models.pretrained import load_pretrained
+    from tunewright.models.registry import model_args
+
+    path = model_cfg.get("path")
+    loads_hf = resolve_component(model_cfg["_component_"], where="key 'model._component_'") is load_pretrained
+    if path is None or not (loads_hf or (Path(path) / "config.json").is_file()):
+        return None, None
+    return Path(path), model_args(path)[1].vocab_size
+
+
+def warn_dropped_rows(dataset: Any) -> None:
+    """Print (once, on rank 0) how many rows a dataset dropped for having no target token; on
+    stdout with the run's other notes, stderr being for the one line of an error."""
+    base = getattr(dataset, "dataset", dataset)  # a PackedDataset wraps the SFTDataset
+    warning = base.dropped_warning() if hasattr(base, "dropped_warning") else None
+    if warning and dist.is_main():
+        print(warning, flush=True)
+
+
+def check_ids_fit(dataset: Any, tokenizer: Any, vocab_size: int, model_dir: Path) -> None:
+    """ValueError when the data (or the padding) holds a token id the model has no embedding
+    for: a tokenizer of another model. Checked on the ids actually used, since many models
+    have spare rows beyond their tokenizer and a few tokenizers list ids no text produces."""
+    base = getattr(dataset, "dataset", dataset)
+    largest = getattr(base, "max_token_id", -1)
+    what = f"{getattr(base, 'source', 'the dataset')} holds token id {largest}"
+    if tokenizer.pad_id >= vocab_size and tokenizer.pad_id > largest:
+        largest, what = tokenizer.pad_id, f"its pad id is {tokenizer.pad_id}"
+    if largest < vocab_size:
+        return
+    name = tokenizer.id_to_token(largest) if hasattr(tokenizer, "id_to_token") else None
+    raise ValueError(
+        f"the tokenizer does not fit the model: {what}{f' ({name!r})' if name else ''}, but "
+        f"{model_dir / 'config.json'} has vocab_size {vocab_size} (the tokenizer has "
+        f"{tokenizer.vocab_size} ids); use the model's own tokenizer"
+    )

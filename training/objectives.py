@@ -123,7 +123,11 @@ def evaluate_loss(
 ) -> HeldOut:
     """Mean of `loss_fn`'s per-token loss over the targets of `batches` (from their start, at
     most `max_batches` of them) and all data-parallel ranks, summed in fp64. The model is in
-    eval mode meanwhile (no dropout), then back in the mode it was in."""
+    eval mode meanwhile (no dropout), then back in the mode it was in. Batches without a
+    single target token are a ValueError: a mean over nothing has no value, and 0.0 would
+    read as a perfect model."""
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_eval_batches must be at least 1 (null: every batch), got {max_batches}")
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, targets
@@ -133,4 +137,8 @@ def evaluate_loss(
         totals[1] += n
     global_sum(totals)
     model.train(was_training)
-    return HeldOut(totals[0] / totals[1].clamp(min=1), totals[1])
+    if totals[1] == 0:  # the same sum on every rank: all of them raise
+        first = f"the first {max_batches} " if max_batches is not None else ""
+        raise ValueError(f"held-out loss: {first}validation batches hold no target token, so there "
+                         f"is no loss to report (every row's reply cut off by max_seq_len?)")
+    return HeldOut(totals[0] / totals[1], totals[1])

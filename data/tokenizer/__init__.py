@@ -15,13 +15,13 @@ at CLI start: tiktoken, sentencepiece and jinja2 load only when a tokenizer is b
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from tunewright.data.files import check_text_file, read_json
 from tunewright.data.tokenizer.added import flags_of
-from tunewright.data.tokenizer.base import IGNORE_INDEX, Message, Tokenizer
+from tunewright.data.tokenizer.base import IGNORE_INDEX, Message, TokenCount, Tokenizer
 
 __all__ = ["IGNORE_INDEX", "Message", "Tokenizer", "load_tokenizer"]
 
@@ -29,7 +29,7 @@ _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+=* \d+$")
 
 
 def load_tokenizer(
-    path: str | Path, *, chat_template: str | None = None, max_seq_len: int | None = None
+    path: str | Path, *, chat_template: str | None = None, max_seq_len: TokenCount | None = None
 ) -> Tokenizer:
     """The tokenizer stored at `path`: a model directory or one tokenizer file.
 
@@ -48,6 +48,8 @@ def load_tokenizer(
     path = Path(path)
     if not path.exists():
         raise ValueError(f"tokenizer path {path} does not exist")
+    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
+        raise ValueError(f"tokenizer max_seq_len must be a whole number of tokens, at least 2; got {max_seq_len!r}")
     directory = path if path.is_dir() else path.parent
     config = _read_config(directory)
     engine, kwargs = _engine(path, config)
@@ -64,8 +66,7 @@ def load_tokenizer(
     except ValueError as e:
         raise ValueError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
-    template = chat_template or config["chat_template"]
-    template = template or _default_template(tok.added_tokens, config["model_type"])
+    template, origin = _chat_template(chat_template, config, tok.added_tokens)
     if template is not None:
         from tunewright.data.tokenizer.chat import ChatFormat
 
@@ -75,10 +76,22 @@ def load_tokenizer(
         for role, id_ in (("bos", tok.bos_id), ("eos", tok.eos_id)):
             if f"{role}_token" not in template_vars and id_ is not None:
                 template_vars[f"{role}_token"] = tok.id_to_token(id_)
-        tok.chat_format = ChatFormat(template, template_vars=template_vars)
+        tok.chat_format = ChatFormat(template, template_vars=template_vars, origin=origin)
         tok.stop_ids = tok.stop_ids | set(tok.chat_format.end_of_turn_ids(tok.added_tokens))
     tok.max_seq_len = max_seq_len
     return tok
+
+
+def _chat_template(given: str | None, config: dict[str, Any], added: dict[str, int]) -> tuple[str | None, str | None]:
+    """The template (Jinja or a name) and where it came from, for errors: the argument, the
+    model's own file, else the named template of its family."""
+    if given:
+        return given, None  # a name says itself; Jinja source is "the given chat template"
+    if config["chat_template"]:
+        return config["chat_template"], config["chat_template_origin"]
+    name = _default_template(added, config["model_type"])
+    family = f"model_type {config['model_type']!r}" if config["model_type"] else "its special tokens"
+    return name, name and f"named template {name!r}, the default for {family}"
 
 
 def _engine(path: Path, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -101,7 +114,7 @@ def _engine(path: Path, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     sentencepiece_json: dict[str, Any] = {}
     if json_file and json_file.is_file():
         try:
-            return BPETokenizer, hf_bpe.read_tokenizer_json(json_file)
+            return BPETokenizer, _parse(hf_bpe.read_tokenizer_json, json_file)
         except ValueError:
             if not (model_file and model_file.is_file()):
                 raise  # else: a SentencePiece-style tokenizer.json, use the model file instead
@@ -110,11 +123,11 @@ def _engine(path: Path, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     config_special = {"special_ids": config["special_ids"]} if config["added"] else {}
     config_special["added_flags"] = config["added_flags"]
     if vocab and merges and vocab.is_file() and merges.is_file():
-        vocab_ids = json.loads(vocab.read_text(encoding="utf-8"))
+        vocab_ids = read_json(vocab, what="a JSON object of token -> id")
         names = [config[role] for role in ("bos", "eos", "pad", "unk")]
         named = {name: vocab_ids[name] for name in names if name in vocab_ids}
-        kwargs = hf_bpe.read_vocab_merges(
-            vocab, merges, {**named, **config["added"]},
+        kwargs = _parse(
+            hf_bpe.read_vocab_merges, vocab, merges, {**named, **config["added"]},
             tokenizer_class=config["tokenizer_class"], model_type=config["model_type"],
         )
         return BPETokenizer, {**kwargs, **config_special}
@@ -134,6 +147,15 @@ def _engine(path: Path, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     raise ValueError(
         f"{path}: no tokenizer found (expected tokenizer.json, vocab.json + merges.txt or tokenizer.model)"
     )
+
+
+def _parse(read: Callable[..., dict[str, Any]], path: Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    # A tokenizer file that is JSON but not of the expected shape (a list, a vocab that is not a
+    # mapping, a merge that is not a pair) fails somewhere inside the reader: name the file.
+    try:
+        return read(path, *args, **kwargs)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{path}: not a tokenizer file this can read ({type(e).__name__}: {e})") from None
 
 
 def _is_tiktoken_file(path: Path) -> bool:
@@ -166,17 +188,16 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     jinja_file = directory / "chat_template.jinja"  # newer transformers save it beside the config
-    out["chat_template"] = jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else template
+    if jinja_file.is_file():
+        check_text_file(jinja_file)
+        out["chat_template"], out["chat_template_origin"] = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+    else:
+        out["chat_template"], out["chat_template_origin"] = template, f"{directory / 'tokenizer_config.json'}"
     return out
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path) if path.is_file() else {}
 
 
 # config.json `model_type` -> the named template of that family. Gemma-2's own template rejects

@@ -5,9 +5,13 @@ Datasets, generation and recipes see only this protocol, so a family can bring a
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, TypedDict
+from typing import Annotated, Protocol, Sequence, TypedDict
+
+from tunewright.training.schema import Range
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
+# A sequence length in tokens (`max_seq_len`): the config schema checks the range, naming the key.
+TokenCount = Annotated[int, Range(ge=2, hint="a row needs a token and the next one to predict")]
 
 
 class Message(TypedDict, total=False):

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence
 
 from tunewright.data.tokenizer.turns import turn_spans
 
@@ -49,19 +50,29 @@ class ChatEngine(Protocol):
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
 
 
+class ChatTemplateError(ValueError):
+    """A chat template that does not parse, or fails on a conversation; names where it came from."""
+
+
 class ChatFormat:
     """A Jinja chat template plus the variables it reads (`bos_token`, `eos_token`, ...).
 
-    `template` is Jinja source or a name in `NAMED_TEMPLATES`.
+    `template` is Jinja source or a name in `NAMED_TEMPLATES`; `origin` says where it came from
+    (a file, a named template) in errors. A template that does not parse fails here, one that
+    raises on a conversation fails when that conversation is rendered: `ChatTemplateError`.
     """
 
-    def __init__(self, template: str, *, template_vars: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, template: str, *, template_vars: Mapping[str, Any] | None = None,
+                 origin: str | None = None) -> None:
         if template in NAMED_TEMPLATES:
+            origin = origin or f"named template {template!r}"
             template = NAMED_TEMPLATES[template]
         elif "{{" not in template and "{%" not in template:
             raise ValueError(f"unknown chat template {template!r}; named ones: {sorted(NAMED_TEMPLATES)}")
         self.template = template
         self.template_vars = dict(template_vars or {})
+        self.origin = origin or "the given chat template"
+        _compile_checked(template, self.origin)
 
     def end_of_turn_ids(self, vocab: Mapping[str, int]) -> list[int]:
         """Ids of known end-of-turn tokens this template writes; generation stops at them."""
@@ -69,12 +80,37 @@ class ChatFormat:
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
         template = _compile(self.template)
-        return template.render(**self._arguments(_as_transformers_passes(messages), add_generation_prompt))
+        with self._failures():
+            return template.render(**self._arguments(_as_transformers_passes(messages), add_generation_prompt))
 
     def render_with_spans(
         self, messages: Sequence[Message], *, add_generation_prompt: bool = False
     ) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the [start, end) character span of each assistant turn."""
+        with self._failures():
+            return self._render_with_spans(messages, add_generation_prompt)
+
+    @contextmanager
+    def _failures(self) -> Iterator[None]:
+        # What a template raises (raise_exception, an undefined name, a type error in its code)
+        # is about the template or the conversation: one line saying which template.
+        import jinja2
+
+        try:
+            yield
+        except ChatTemplateError:
+            raise
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError,
+                ZeroDivisionError) as e:
+            message = " ".join(str(e).split()) or type(e).__name__
+            if isinstance(e, jinja2.UndefinedError):  # e.g. `bos_token + ...` with no bos token
+                message += " (neither the conversation nor the tokenizer's files define it)"
+            raise ChatTemplateError(f"chat template ({self.origin}) failed on this conversation: "
+                                    f"{message}") from None
+
+    def _render_with_spans(
+        self, messages: Sequence[Message], add_generation_prompt: bool
+    ) -> tuple[str, list[tuple[int, int]]]:
         template = _compile(self.template)
         messages = _as_transformers_passes(messages)
         kwargs = self._arguments(messages, add_generation_prompt)
@@ -158,6 +194,16 @@ def char_spans(text: str, byte_lengths: Sequence[int]) -> list[tuple[int, int]]:
 
 
 # -- the Jinja environment, as transformers builds it ----------------------------------------
+
+
+def _compile_checked(template: str, origin: str) -> None:
+    import jinja2
+
+    try:
+        _compile(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template ({origin}) does not parse: line {e.lineno}: {e.message}") from None
+
 
 _TRACKING: ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = ContextVar("tracking", default=None)
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")

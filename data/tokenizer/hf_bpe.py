@@ -10,11 +10,11 @@ accepted, anything else fails loudly instead of tokenizing slightly differently.
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from tunewright.data.files import check_text_file, read_json
 from tunewright.data.tokenizer.added import flags_of
 from tunewright.data.tokenizer.bpe import GPT2_PATTERN, QWEN2_PATTERN
 
@@ -45,7 +45,7 @@ def byte_decoder() -> dict[int, int]:
 
 def read_tokenizer_json(path: str | Path) -> dict[str, Any]:
     """Keyword arguments of `BPETokenizer` for a byte-level BPE `tokenizer.json`."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = read_json(path)
     model = data.get("model") or {}
     if model.get("type", "BPE") != "BPE" or "merges" not in model:
         raise ValueError(f"{path}: model type {model.get('type')!r} is not BPE")
@@ -117,7 +117,8 @@ def read_vocab_merges(
     Qwen2Tokenizer, which Qwen2/2.5/3 use, splits with its own regex and NFC-normalises; the
     others we accept are GPT-2's regex alone.
     """
-    vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+    vocab = read_json(vocab_path, what="a JSON object of token -> id")
+    check_text_file(merges_path)
     merges = []
     for line in Path(merges_path).read_text(encoding="utf-8").splitlines():
         if line and not line.startswith("#version"):
