@@ -24,7 +24,6 @@ checkpoint's (`training/resume_config.py`), and `auto` falls back past a damaged
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
