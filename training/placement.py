@@ -110,6 +110,10 @@ class Placement:
                 where = (f", sharded over {dist.world_size()} process{'es' if dist.world_size() > 1 else ''} "
                          f"(mesh dp={self.mesh['dp'].size()} x tp={self.mesh['tp'].size()})")
             print(f"model: {total:,} parameters, {trainable:,} trainable{where}", flush=True)
+            if hasattr(model, "attention_kernels"):
+                kind = "varlen" if getattr(self.cfg, "padding_free", True) else "batch"
+                kernels = model.attention_kernels(kind, device=self.device, dtype=self.dtype)
+                print("attention: " + ", ".join(f"{name} ({n} layers)" for name, n in kernels.items()), flush=True)
         return model
 
     def _load_local(self, model_cfg: dict[str, Any], adapt: Adapt | None, quantize_base: bool) -> nn.Module:
