@@ -37,7 +37,9 @@ def make_batches(
         world_size=dist.data_world_size(),
         group_by_length=group_by_length, lengths=lengths, batch_size=batch_size,
     )
-    return Batches(dataset, sampler, batch_size, functools.partial(collate_padded, pad_id=pad_id))
+    # A dataset whose items are not plain rows (preference pairs) says how they batch.
+    collate = getattr(dataset, "collate", collate_padded)
+    return Batches(dataset, sampler, batch_size, functools.partial(collate, pad_id=pad_id))
 
 
 def build_data(cfg: Any) -> tuple[Any, Batches, Batches | None]:

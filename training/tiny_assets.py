@@ -104,9 +104,42 @@ def make_tiny_sft(out: Path, *, num_rows: int = 512, seed: int = 0) -> None:
     (out / "train.jsonl").write_text("\n".join(lines) + "\n")
 
 
+def _pair(rng: random.Random) -> dict[str, str]:
+    """A tiny task with its right answer (chosen) and a near miss (rejected)."""
+    task = _task(rng)
+    prompt = f"{task['instruction']} {task['input']}".strip()
+    right = task["output"]
+    wrong = {"Reverse the letters.": task["input"], "Write the word in capitals.": right.lower()}.get(
+        task["instruction"], str(int(right) + rng.choice([-2, -1, 1, 2, 10])) if right.isdigit() else right)
+    if wrong == right:  # a palindrome
+        wrong = right + right[-1]
+    return {"prompt": prompt, "chosen": right, "rejected": wrong}
+
+
+def make_tiny_pairs(out: Path, *, num_rows: int = 256, seed: int = 0) -> None:
+    """Preference pairs (TRL's standard form) on the tiny tasks, for the DPO-family configs."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.jsonl").write_text("".join(json.dumps(_pair(rng)) + "\n" for _ in range(num_rows)))
+
+
+def make_tiny_kto(out: Path, *, num_rows: int = 256, seed: int = 0) -> None:
+    """KTO's unpaired examples: each pair's chosen (label true) or rejected (false) answer."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(num_rows):
+        pair = _pair(rng)
+        good = i % 2 == 0
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen" if good else "rejected"], "label": good})
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 ASSETS: dict[str, tuple[Callable[[Path], None], str]] = {
     # name -> (maker writing into a directory, the path inside it that configs use)
     "sft": (make_tiny_sft, "train.jsonl"),
+    "pairs": (make_tiny_pairs, "train.jsonl"),
+    "kto": (make_tiny_kto, "train.jsonl"),
 }
 
 
