@@ -17,6 +17,7 @@ from torch import nn
 from tunewright.modules.attend import Layout
 from tunewright.modules.attention import Attention
 from tunewright.modules.kv_cache import KVCache
+from tunewright.modules.precision import compute_autocast
 from tunewright.modules.rope import RotaryEmbedding
 
 
@@ -123,6 +124,11 @@ class Decoder(nn.Module):
         tokens [1, T] hold independent sequences of these lengths end to end (padding-free
         training, see `training/unpad.py`), with input_pos restarting for each.
         """
+        with compute_autocast(self, tokens.device):  # mixed precision: modules/precision.py
+            return self._forward(tokens, input_pos, doc_ids, cache_pos, seq_lens, hidden_only)
+
+    def _forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None, doc_ids: torch.Tensor | None,
+                 cache_pos: int | None, seq_lens: Sequence[int] | None, hidden_only: bool) -> torch.Tensor:
         b, s = tokens.shape
         h = self.tok_embeddings(tokens)
         if self.embed_scale is not None:

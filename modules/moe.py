@@ -6,6 +6,11 @@ projection for all experts, no Python loop over experts or tokens (`torch._group
 per-expert loop only where that kernel is missing or cannot take the sizes: it needs 16-byte
 aligned rows, fp32/bf16/fp16 on CPU, bf16 on CUDA). Checkpoints store one tensor per expert;
 the family's weight map stacks and unstacks them.
+
+On a GPU, run MoE models with `dtype: bf16`: fp32 compute there takes the per-expert loop, whose
+split sizes are read back to the host once per projection and layer (a sync each). Mixed
+precision (fp32 master weights, training/precision.py) computes in bf16 and takes the kernel:
+under autocast both operands go to the autocast dtype here, as autocast does for a matmul.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x [T, in] sorted by group, weight [E, out, in], counts [E] rows per group -> [T, out]."""
+    if torch.is_autocast_enabled(x.device.type):  # autocast does not know the grouped kernel
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
     if x.shape[0] > 0 and _grouped_mm_ok(x, weight):
         # The weight gradient reads x transposed, so the row count must be aligned too: zero
         # rows appended to the last group change neither its output rows nor its gradient.

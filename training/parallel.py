@@ -18,7 +18,7 @@ import os
 from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as torch_dist
@@ -41,6 +41,9 @@ class ParallelConfig:
     tensor_parallel_dim: PositiveInt = 1
     fsdp_cpu_offload: bool = False  # sharded parameters, gradients and optimizer state on CPU
     fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (less memory)
+    # Gradients reduce-scattered in this dtype under mixed precision (training/precision.py);
+    # bf16 halves the traffic, fp32 sums many ranks without rounding each partial sum.
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     async_checkpoint: bool = False  # step checkpoints written in the background
     # How long a collective may wait. A sharded save ends in a barrier that waits for the
     # slowest rank's writes; a 70B checkpoint on a slow disk takes many minutes, so the default
@@ -113,7 +116,7 @@ def build_meta_model(model_cfg: dict[str, Any], dtype: torch.dtype) -> tuple[nn.
 
 # ---------------------------------------------------------------- transforms, in order
 def shard_fsdp2(model: nn.Module, mesh: Any, *, cpu_offload: bool = False,
-                reshard_after_forward: bool = True) -> None:
+                reshard_after_forward: bool = True, mp_policy: Any = None) -> None:
     """FSDP2: each block, then the root (embeddings, final norm, head), sharded over `mesh`.
 
     Gradients are summed, not averaged, over ranks: the loop already divides the loss by the
@@ -122,10 +125,12 @@ def shard_fsdp2(model: nn.Module, mesh: Any, *, cpu_offload: bool = False,
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    # mp_policy (training/precision.py): fp32 shards gathered in bf16, gradients reduced in fp32.
+    options = dict(mesh=mesh, offload_policy=offload, **({"mp_policy": mp_policy} if mp_policy is not None else {}))
     for block in model.layers:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload)
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
     # The root is not resharded after forward: the loss uses its head right after.
-    fully_shard(model, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
+    fully_shard(model, reshard_after_forward=False, **options)
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             # A plain SUM (no PREMUL_SUM, which gloo lacks) with nothing divided after it.
@@ -136,7 +141,7 @@ def shard_fsdp2(model: nn.Module, mesh: Any, *, cpu_offload: bool = False,
             module.set_reduce_scatter_unused_params(True, recurse=False)
 
 
-def parallelize(model: nn.Module, mesh: Any, cfg: Any) -> None:
+def parallelize(model: nn.Module, mesh: Any, cfg: Any, *, mp_policy: Any = None) -> None:
     """Tensor parallel, activation checkpointing, per-block compile, FSDP2: in this order
     (each later step wraps what the earlier ones made)."""
     from tunewright.training.transforms import apply_activation_checkpointing, compile_blocks
@@ -150,7 +155,7 @@ def parallelize(model: nn.Module, mesh: Any, cfg: Any) -> None:
     if cfg.compile:
         compile_blocks(model)
     shard_fsdp2(model, mesh["dp"], cpu_offload=cfg.fsdp_cpu_offload,
-                reshard_after_forward=cfg.fsdp_reshard_after_forward)
+                reshard_after_forward=cfg.fsdp_reshard_after_forward, mp_policy=mp_policy)
 
 
 def materialize(model: nn.Module, device: torch.device, *, cpu_offload: bool = False) -> None:

@@ -47,7 +47,8 @@ def launched_by_torchrun() -> bool:
 class Placement:
     def __init__(self, cfg: Any) -> None:
         from tunewright.training.parallel import ParallelConfig, build_mesh, init_distributed
-        from tunewright.training.setup import setup_device, training_dtype
+        from tunewright.training.precision import Precision, enable_tf32
+        from tunewright.training.setup import set_deterministic, setup_device
 
         self.cfg = cfg
         device = setup_device(cfg.device, cfg.num_threads)
@@ -75,7 +76,10 @@ class Placement:
                         raise ValueError(f"{field.name}: set for a run on one device; it needs several "
                                          "processes (tune run --nproc_per_node N ...) or distributed: true")
         self.device = device
-        self.dtype = training_dtype(cfg.dtype, device)
+        self.precision = Precision.from_config(cfg)
+        self.dtype = self.precision.compute
+        enable_tf32(device, getattr(cfg, "tf32", True))
+        self._was_deterministic = set_deterministic(getattr(cfg, "deterministic", False))
         self._skeletons: dict[int, nn.Module] = {}  # id(model) -> its unsharded layout, on meta
         self._sources: dict[int, str | None] = {}  # id(model) -> the HF directory it came from
 
@@ -86,7 +90,12 @@ class Placement:
         self.close()
 
     def close(self) -> None:
-        """Leave the process group this placement joined (and forget the data-parallel group)."""
+        """Leave the process group this placement joined (and forget the data-parallel group);
+        put torch's deterministic setting back as it was."""
+        from tunewright.training.setup import set_deterministic
+
+        if hasattr(self, "_was_deterministic"):
+            set_deterministic(self._was_deterministic)
         if self.distributed:
             from tunewright.training.parallel import close_distributed
 
@@ -110,6 +119,8 @@ class Placement:
                 where = (f", sharded over {dist.world_size()} process{'es' if dist.world_size() > 1 else ''} "
                          f"(mesh dp={self.mesh['dp'].size()} x tp={self.mesh['tp'].size()})")
             print(f"model: {total:,} parameters, {trainable:,} trainable{where}", flush=True)
+            if trainable:
+                print(self.precision.describe(), flush=True)
             if hasattr(model, "attention_kernels"):
                 kind = "varlen" if getattr(self.cfg, "padding_free", True) else "batch"
                 kernels = model.attention_kernels(kind, device=self.device, dtype=self.dtype)
@@ -121,11 +132,12 @@ class Placement:
         from tunewright.training.instantiate import instantiate
         from tunewright.training.transforms import apply_activation_checkpointing, compile_blocks
 
-        model = instantiate(model_cfg, dtype=self.dtype, device=self.device)
+        model = instantiate(model_cfg, dtype=self.precision.load_dtype(full=adapt is None), device=self.device)
         if adapt is not None:
             adapt(model)
         if quantize_base:
             quantize_base_nf4(model)
+        self.precision.apply(model)  # weights that train -> master_dtype; bf16 compute by autocast
         if self.cfg.enable_activation_checkpointing:
             apply_activation_checkpointing(model, every=self.cfg.activation_checkpointing_every)
         if self.cfg.compile:
@@ -138,16 +150,18 @@ class Placement:
                                                   parallelize)
         from tunewright.training.sharded_io import init_adapters, load_hf_sharded
 
-        model, model_dir = build_meta_model(model_cfg, self.dtype)
+        load_dtype = self.precision.load_dtype(full=adapt is None)
+        model, model_dir = build_meta_model(model_cfg, load_dtype)
         adapter_rng = torch.get_rng_state()  # the adapters' initial values are drawn from here
         adapted = adapt(model) if adapt is not None else []
+        self.precision.apply(model, autocast=False)  # FSDP2's MixedPrecisionPolicy casts instead
         self._skeletons[id(model)] = copy.deepcopy(model)  # unsharded names, shapes, merging
         if quantize_base:
             quantize_base_nf4(model)
             check_nf4_shardable(model, self.mesh)
-        parallelize(model, self.mesh, self.cfg)
+        parallelize(model, self.mesh, self.cfg, mp_policy=self.precision.fsdp_policy())
         materialize(model, self.device, cpu_offload=self.cfg.fsdp_cpu_offload)
-        load_hf_sharded(model, model_dir, dtype=self.dtype)
+        load_hf_sharded(model, model_dir, dtype=load_dtype)
         if adapted:
             init_adapters(model, adapted, adapter_rng)
         return model
@@ -201,7 +215,9 @@ class Placement:
 
         check_finite_parameters([model], directory)
         source = self._sources.get(id(model))
-        dtype = self.dtype if merge else None  # merged adapters are computed in fp32
+        # The compute dtype (fp32 master weights are a training device; merged adapters are
+        # computed in fp32 first), which is the checkpoint's own dtype in the usual case.
+        dtype = self.dtype
         if self.distributed:
             out = save_pretrained_sharded(model, self._skeletons[id(model)], directory, source_dir=source,
                                           dtype=dtype, merge=merge)

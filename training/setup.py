@@ -1,12 +1,11 @@
-"""Process set-up shared by recipes: seeds, threads, device, dtype."""
+"""Process set-up shared by recipes: seeds, threads, device (dtypes: training/precision.py)."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import torch
-
-from tunewright.models.pretrained import as_dtype
 
 
 def seed_everything(seed: int) -> None:
@@ -38,8 +37,14 @@ def setup_device(device: str, num_threads: int | None) -> torch.device:
     return dev
 
 
-def training_dtype(name: str, device: torch.device) -> torch.dtype:
-    dtype = as_dtype(name)
-    if dtype == torch.float16:
-        raise ValueError("dtype: fp16 training needs loss scaling, which is not supported; use bf16 or fp32")
-    return dtype
+def set_deterministic(enabled: bool) -> bool:
+    """Deterministic kernels (`deterministic: true`), returning the previous setting so it can be
+    restored. On CPU every kernel tunewright uses already gives the same bits each run, which is
+    what makes resume bit-exact; on a GPU some do not (`index_add_` and scatter sums use atomics,
+    flash-attention's backward accumulates in a varying order), so GPU bit-exactness needs this,
+    at some speed. cuBLAS needs its workspace fixed before its first call for the same reason."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    return previous

@@ -51,7 +51,9 @@ def load_full_into(model: nn.Module, name: str, full: torch.Tensor) -> None:
     local = param._local_tensor
     if is_nf4(local):
         # Quantize the whole weight as one device would, then keep this rank's rows: the same
-        # NF4 values as on one device. A new parameter replaces the empty one (its constant
+        # NF4 values as on one device. (A rank cannot quantize its rows alone: NF4's double
+        # quantization subtracts the mean of all the weight's block scales. So one whole weight
+        # at a time passes through the GPU, for speed; never the model.) A new parameter replaces the empty one (its constant
         # tensors were left on meta by to_empty); FSDP takes it up at its lazy init.
         if param.device_mesh.ndim != 1 or param.placements != (Shard(0),):
             raise ValueError("QLoRA: NF4 weights are sharded by FSDP only, without tensor parallel")
@@ -62,10 +64,29 @@ def load_full_into(model: nn.Module, name: str, full: torch.Tensor) -> None:
         sharded = DTensor.from_local(chunk, mesh, param.placements, shape=param.shape, stride=param.stride())
         setattr(model.get_submodule(owner), leaf, nn.Parameter(sharded, requires_grad=False))
         return
-    shard = distribute_tensor(full.to(local.device), param.device_mesh, param.placements,
-                              src_data_rank=None).to_local()
+    shard = host_slice(full, param)
+    if shard is None:  # a layout `host_slice` does not cut (FSDP x TP's strided shards)
+        shard = distribute_tensor(full.to(local.device), param.device_mesh, param.placements,
+                                  src_data_rank=None).to_local()
     assert shard.shape == local.shape, (name, shard.shape, local.shape)
-    local.copy_(shard)
+    local.copy_(shard)  # only this rank's slice crosses to the GPU
+
+
+def host_slice(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor | None:
+    """This rank's slice of `full` for the DTensor `param`, cut where `full` lies (the CPU), so
+    a rank never holds a whole tensor on its GPU; None for placements other than plain
+    Shard/Replicate. Same cut as `distribute_tensor` (torch.chunk along each sharded dim)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(type(p) not in (Shard, Replicate) for p in param.placements):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
+    out = full
+    for dim, (size, start) in enumerate(zip(shape, offset)):
+        if size != full.shape[dim]:
+            out = out.narrow(dim, start, size)
+    return out
 
 
 def adapter_param_names(model: nn.Module) -> set[str]:
@@ -116,7 +137,9 @@ def init_adapters(model: nn.Module, adapted: list[str], rng_state: torch.Tensor)
                 load_full_into(model, f"{path}.lora.{name}", value)
         else:
             assert isinstance(module, LoRALinear), path
-            dtype = module.lora_a.weight.dtype
+            # Drawn in the base's dtype, as `LoRALinear` draws them on one device, then raised to
+            # the adapter's own (master) dtype by `load_full_into`: the same values.
+            dtype = module.weight.dtype
             with torch.device("meta"):
                 stub = nn.Linear(module.in_features, module.out_features, bias=False, dtype=dtype)
             fresh = LoRALinear(stub.to_empty(device="cpu"), rank=module.rank, alpha=module.alpha,

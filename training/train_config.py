@@ -52,7 +52,24 @@ class TrainConfig(RunConfig):
     clip_grad_norm: Annotated[float, Range(gt=0, hint="null: no clipping")] | None = 1.0
     # Compute only real tokens: rows are laid end to end with per-row causal attention
     # (training/unpad.py). Same loss as the padded batch; false computes the padding too.
+    # The flat batch is made on the host as rows are collated, so a step reads nothing back.
     padding_free: bool = True
+    # Batches are collated by `num_workers` DataLoader processes ahead of the step (null: 2 on
+    # CUDA, 0 elsewhere, where collating in the loop's thread costs less than the processes),
+    # into page-locked memory with `pin_memory` (null: on CUDA) for asynchronous copies to the
+    # GPU. Same batches, same order, same resume point either way.
+    num_workers: Annotated[int, Range(ge=0, hint="null: 2 on CUDA, 0 otherwise")] | None = None
+    pin_memory: bool | None = None
+
+    # Weights that train, their gradients and the optimizer state are kept in master_dtype
+    # while the model computes in `dtype` (training/precision.py): fp32 with dtype: bf16 is
+    # mixed precision; bf16 is pure bf16 training (torchtune's bf16: half the memory of those
+    # weights, but updates below 2^-8 of a weight are lost). Frozen weights stay in `dtype`.
+    master_dtype: Literal["fp32", "bf16"] = "fp32"
+    tf32: bool = True  # fp32 matmuls on NVIDIA GPUs in TF32 (no effect on CPU or in bf16)
+    # Deterministic kernels: bit-exact resume on GPUs too (CPU runs are deterministic anyway),
+    # at some speed (training/setup.py set_deterministic).
+    deterministic: bool = False
 
     compile: bool = False
     enable_activation_checkpointing: bool = False
