@@ -441,6 +441,7 @@ def decode(ctx: Ctx) -> dict[str, Any]:
 @check
 def throughput(ctx: Ctx) -> dict[str, Any]:
     from tunewright.modules.peft.apply import apply_lora
+    from tunewright.training.precision import Precision
     from tunewright.training.transforms import apply_activation_checkpointing, compile_blocks
 
     if ctx.small:
@@ -449,20 +450,25 @@ def throughput(ctx: Ctx) -> dict[str, Any]:
         from tunewright.models.registry import find_size
 
         args, seq, rows_per_step, micro = find_size("llama3_2_1b")[1], 2048, 16, 4
-    configs = [("lora", False, False), ("lora", True, False), ("lora", False, True),
-               ("full", False, False), ("full", True, False), ("full", True, True)]
+    # (method, activation checkpointing, compile, master dtype): the recipes' default is fp32
+    # master weights under bf16 compute (training/precision.py); one row shows pure bf16.
+    configs = [("lora", False, False, "fp32"), ("lora", True, False, "fp32"), ("lora", False, True, "fp32"),
+               ("full", False, False, "fp32"), ("full", True, False, "fp32"), ("full", True, True, "fp32"),
+               ("full", True, False, "bf16")]
     if ctx.small:  # the code paths, not the figures: one compiled configuration is enough
         configs = configs[:4]
     n_params = None
     out: dict[str, Any] = {"seq_len": seq, "tokens_per_step": seq * rows_per_step}
-    for method, ac, compiled in configs:
-        key = f"{method}{'_ac' if ac else ''}{'_compile' if compiled else ''}"
+    for method, ac, compiled, master in configs:
+        key = f"{method}{'_ac' if ac else ''}{'_compile' if compiled else ''}{'_pure_bf16' if master == 'bf16' else ''}"
         try:
             torch._dynamo.reset()
             model = random_model(args, ctx)
             n_params = sum(p.numel() for p in model.parameters())
             if method == "lora":
                 apply_lora(model, targets="all-linear", rank=16, alpha=32)
+            if ctx.dtype == torch.bfloat16:
+                Precision("bf16", master).apply(model)
             if ac:
                 apply_activation_checkpointing(model)
             if compiled:
@@ -526,9 +532,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=480.0, help="skip checks after this many seconds")
     args = parser.parse_args(argv)
     ctx = Ctx(args.device, args.small)
-    if ctx.cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if ctx.cuda:  # as the recipes do (tf32: true)
+        from tunewright.training.precision import enable_tf32
+
+        enable_tf32(torch.device(args.device), True)
     names = args.only.split(",") if args.only else list(CHECKS)
     unknown = [n for n in names if n not in CHECKS]
     if unknown:
