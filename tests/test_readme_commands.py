@@ -223,3 +223,25 @@ def test_command_runs(command, tmp_path, request, monkeypatch):
         go(tmp_path, command, request.getfixturevalue("lora_run"))
     else:
         go(tmp_path, command)
+
+
+def test_the_reliability_section_counts_the_catalogue_it_names(monkeypatch):
+    """The README's case counts are those of `tests/bad_inputs/` (per area and in all)."""
+    import importlib.util
+
+    from bad_inputs.harness import catalogue_size
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "bad_inputs"))  # their `import harness`
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    found = re.search(r"(\d+) cases \((\d+) config and command-line,\s+(\d+) data, tokenizer and model "
+                      r"files, (\d+) outputs and runs\)", text)
+    assert found, "README's reliability section lost its catalogue figures"
+    total, *areas = (int(x) for x in found.groups())
+    here = Path(__file__).resolve().parent / "bad_inputs"
+    counts = []
+    for name in ("test_bad_config", "test_bad_data", "test_bad_outputs"):
+        spec = importlib.util.spec_from_file_location(name, here / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        counts.append(len(module.CASES))
+    assert (total, areas) == (catalogue_size(), counts)

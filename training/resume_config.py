@@ -26,7 +26,8 @@ GLOBAL_BATCH = "global batch (batch_size x data-parallel processes)"
 
 # Top-level key -> what changing it on resume means. Refused keys say why.
 REFUSED = {
-    "recipe": "another algorithm", "dtype": "the weights' precision",
+    "recipe": "another algorithm",
+    **dict.fromkeys(("dtype", "master_dtype"), "the weights' precision"),
     **dict.fromkeys(("model", "tokenizer"), "the model or its vocabulary"),
     **dict.fromkeys(("lora_rank", "lora_targets", "lora_experts", "use_dora", "quantize_base"),
                     "the adapters' shapes"),
@@ -43,12 +44,14 @@ APPLIES = {
     "epochs": "the schedule is recomputed for the new total",
     **dict.fromkeys((
         "val_dataset", "metric_logger",
-        "device", "num_threads", "loss_chunk_size", "padding_free", "clip_grad_norm", "compile",
+        "device", "num_threads", "loss_chunk_size", "padding_free", "num_workers", "pin_memory",
+        "clip_grad_norm", "compile",
         "enable_activation_checkpointing", "activation_checkpointing_every", "enable_activation_offloading",
         "log_every_n_steps", "eval_every_n_steps", "max_eval_batches", "save_every_n_steps",
         "keep_last_n_checkpoints", "save_final_model", "save_adapter", "progress_bar", "on_nonfinite",
         "max_nonfinite_steps", "distributed", "tensor_parallel_dim", "data_parallel_dim", "fsdp_cpu_offload",
-        "fsdp_reshard_after_forward", "async_checkpoint", "collective_timeout_minutes"), ""),
+        "fsdp_reshard_after_forward", "async_checkpoint", "collective_timeout_minutes",
+        "reduce_dtype", "tf32", "deterministic"), ""),
 }
 
 
