@@ -52,6 +52,8 @@ class ModelArgs:
     expert_dim: int | None = None  # hidden size of one expert; None: intermediate_dim
     norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to one
     dense_layers: tuple[int, ...] = ()  # layers that keep a dense MLP in an MoE model
+    # --- score head (reward / value models, models/score.py); None: the LM head over the vocabulary ---
+    num_labels: int | None = None
 
     def __post_init__(self) -> None:
         problem = next(_shape_problems(self), None)
@@ -101,6 +103,8 @@ class ModelArgs:
         for i in range(self.num_layers):
             total += attn + norms + (moe if self.is_moe_layer(i) else dense)
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        if self.num_labels is not None:
+            head = self.num_labels * self.dim
         return self.vocab_size * self.dim + total + self.dim + head
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from tunewright.data.files import read_json
 from tunewright.models.pretrained import check_finite, read_safetensors
 from tunewright.models.registry import get_family
+from tunewright.models.score import HF_SCORE
 from tunewright.models.weight_map import WeightMap
 from tunewright.modules.peft.apply import TARGETS, apply_lora, expert_lora_modules, lora_modules, target_paths
 from tunewright.modules.peft.lora import LoRALinear
@@ -88,6 +89,8 @@ def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{key}.lora_B.weight"] = torch.block_diag(*[m.lora_b.weight for m in mods])
         if mods[0].magnitude is not None:
             out[f"{key}.lora_magnitude_vector"] = torch.cat([m.magnitude for m in mods])
+    if model.args.num_labels is not None:  # a score head trains whole: PEFT's modules_to_save
+        out[f"{PREFIX}{HF_SCORE}"] = model.output.weight
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
@@ -98,13 +101,15 @@ def peft_config(model: nn.Module, base_model_path: str | None) -> dict[str, Any]
     # A fused layer has rank n r; its alpha grows so that PEFT's scale (alpha / r, or
     # alpha / sqrt(r) with rslora) stays ours.
     grow = math.sqrt if cfg["use_rslora"] else float
+    score = model.args.num_labels is not None  # PEFT's sequence-classification adapter
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_path,
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if score else "CAUSAL_LM",
+        "base_model_name_or_path": base_model_path,
         "r": cfg["rank"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"],
         "use_rslora": cfg["use_rslora"], "use_dora": cfg["use_dora"],
         "target_modules": sorted({hf.rsplit(".", 1)[-1] for hf in groups}),
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": None, "layers_to_transform": None,
+        "modules_to_save": [HF_SCORE.removesuffix(".weight")] if score else None, "layers_to_transform": None,
         "rank_pattern": {name: n * cfg["rank"] for name, n in fused.items()},
         "alpha_pattern": {name: cfg["alpha"] * grow(n) for name, n in fused.items()},
     }
@@ -227,6 +232,12 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         check_finite(tensor, name, weights_path)
     # PEFT may save with the adapter name inside the key (".default."); drop it.
     tensors = {k.replace(".default.", ".").replace(".default", ""): v for k, v in tensors.items()}
+    score = tensors.pop(f"{PREFIX}{HF_SCORE}", None)  # a sequence-classification adapter's head
+    if score is not None and (model.args.num_labels is None or score.shape != model.output.weight.shape):
+        raise ValueError(f"{weights_path}: adapter does not match the base model: its score head has shape "
+                         f"{tuple(score.shape)}, the model has "
+                         + ("no score head (load it with num_labels)" if model.args.num_labels is None
+                            else f"{tuple(model.output.weight.shape)}"))
     use_dora = bool(cfg.get("use_dora", False))
 
     # Which of our roles the adapter covers, from its tensors (whatever target_modules says).
@@ -267,4 +278,6 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                                      f"'{PREFIX}{hf}.{leaf}' has shape {tuple(t.shape)}, the model "
                                      f"needs {tuple(param.shape)}")
                 param.copy_(t.to(param.dtype))
+        if score is not None:
+            model.output.weight.copy_(score.to(model.output.weight.dtype))
     return model

@@ -21,6 +21,9 @@ from tunewright.data.files import read_json
 from tunewright.models.args import ModelArgs
 from tunewright.models.family import Family
 from tunewright.models.registry import get_family, model_args, read_config
+from tunewright.models.score import (add_score_head, classification_config, fresh_score_weights,
+                                     with_num_labels)
+from tunewright.models.score import weight_map as score_weight_map
 from tunewright.training.atomic import OutputKind, output_dir, tensor_bytes
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -129,6 +132,8 @@ def build_model(args: ModelArgs, *, device: str | torch.device = "meta") -> nn.M
     with torch.device(device):
         model = family.build(args)
     model.args = args  # what save_pretrained and transforms need to know about the shape
+    if args.num_labels is not None:  # a reward / value model
+        add_score_head(model, args.num_labels)
     return model
 
 
@@ -137,13 +142,17 @@ def load_pretrained(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    num_labels: int | None = None,
 ) -> nn.Module:
     """A model from a Hugging Face directory; `model(tokens)` gives logits [b, s, vocab].
 
-    `dtype` defaults to fp32 (training master weights), `device` to the CPU.
+    `dtype` defaults to fp32 (training master weights), `device` to the CPU. `num_labels` asks
+    for a score head (a reward or value model, `models/score.py`): a *ForSequenceClassification
+    checkpoint has its own, a causal LM gets a fresh one in place of its LM head.
     """
     model_dir = Path(path)
     family, args = model_args(model_dir)
+    args = with_num_labels(args, num_labels, model_dir)
     model = build_model(args)
     load_hf_weights(model, model_dir, family, dtype=as_dtype(dtype), device=device or "cpu")
     return model
@@ -151,14 +160,15 @@ def load_pretrained(
 
 def iter_model_tensors(
     model_dir: Path, family: Family, shapes: dict[str, torch.Size], *, dtype: torch.dtype,
-    tie_embeddings: bool,
+    tie_embeddings: bool, num_labels: int | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, full tensor in `dtype`) for each of our parameters in `shapes`, one at a time,
     from the checkpoint in `model_dir`, through the family's weight map (renames, fused parts,
     stacked experts). Every mismatch (unknown tensor, wrong shape, missing or doubled weight)
     is one line naming the file and the tensor. A single process collects them all
-    (`load_hf_weights`); a sharded model keeps a slice of each (`training/sharded_io.py`)."""
-    weights = family.weight_map
+    (`load_hf_weights`); a sharded model keeps a slice of each (`training/sharded_io.py`).
+    With `num_labels`, the head is a score head (`score.weight`, `models/score.py`)."""
+    weights = score_weight_map(family.weight_map, num_labels)
     seen: set[str] = set()
     stacks: dict[str, tuple[torch.Tensor, set[int]]] = {}  # stacked experts being filled
     for path, hf_name, tensor in iter_hf_tensors(model_dir, weights.skips):
@@ -213,15 +223,19 @@ def load_hf_weights(
     model: nn.Module, model_dir: Path, family: Family, *, dtype: torch.dtype,
     device: str | torch.device,
 ) -> None:
-    shapes = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}
+    fresh = fresh_score_weights(model, model_dir)  # a new score head on a causal LM's checkpoint
+    shapes = {name: t.shape for name, t in model.state_dict(keep_vars=True).items() if name not in fresh}
     loaded = {name: t.to(device) for name, t in iter_model_tensors(
-        model_dir, family, shapes, dtype=dtype, tie_embeddings=model.args.tie_embeddings)}
+        model_dir, family, shapes, dtype=dtype, tie_embeddings=model.args.tie_embeddings,
+        num_labels=model.args.num_labels)}
+    loaded.update({name: t.to(device=device, dtype=dtype) for name, t in fresh.items()})
     model.load_state_dict(loaded, assign=True, strict=True)
 
 
 def hf_state_dict(model: nn.Module, family: Family) -> dict[str, torch.Tensor]:
     state = {name: t.detach() for name, t in model.state_dict().items()}
-    return {k: v.contiguous() for k, v in family.weight_map.hf_tensors(state).items()}
+    weights = score_weight_map(family.weight_map, model.args.num_labels)
+    return {k: v.contiguous() for k, v in weights.hf_tensors(state).items()}
 
 
 def _shard_plan(names: list[str], source_dir: Path | None, family: Family) -> dict[str, list[str]]:
@@ -284,6 +298,8 @@ def write_pretrained(
     config: dict[str, Any] = read_config(source_dir) if source_dir is not None else family.hf_config(args)
     if config.get("model_type") in family.multimodal_types:  # we save only its text model
         config = family.hf_config(args)
+    if args.num_labels is not None:  # transformers' *ForSequenceClassification
+        config = classification_config(config, args, source_dir)
     weight_map: dict[str, str] = {}
     total, saved_dtype = 0, None
     out_dir = Path(out_dir)

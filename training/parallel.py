@@ -102,14 +102,17 @@ def build_meta_model(model_cfg: dict[str, Any], dtype: torch.dtype) -> tuple[nn.
     its weights are loaded after sharding (`sharded_io.load_hf_sharded`)."""
     from tunewright.models.pretrained import build_model
     from tunewright.models.registry import family_for_config, read_config
+    from tunewright.models.score import with_num_labels
 
-    extra = sorted(set(model_cfg) - {"_component_", "path"})
+    extra = sorted(set(model_cfg) - {"_component_", "path", "num_labels"})
     if model_cfg.get("_component_") not in _LOAD_PRETRAINED or extra or "path" not in model_cfg:
         raise ValueError("model: the distributed recipes load a Hugging Face directory shard by "
-                         "shard; use `_component_: tunewright.models.load_pretrained` with only `path`")
+                         "shard; use `_component_: tunewright.models.load_pretrained` with only `path` "
+                         "(and `num_labels` for a score head)")
     model_dir = Path(model_cfg["path"])
     config = read_config(model_dir)
     args = family_for_config(config, str(model_dir / "config.json")).args_from_hf(config)
+    args = with_num_labels(args, model_cfg.get("num_labels"), model_dir)  # a score head (models/score.py)
     model = build_model(args).to(dtype)
     return model, model_dir
 

@@ -24,6 +24,8 @@ from torch import nn
 
 from tunewright.models.family import Family
 from tunewright.models.pretrained import iter_model_tensors
+from tunewright.models.score import HEAD, fresh_score_weights
+from tunewright.models.score import weight_map as score_weight_map
 from tunewright.modules.moe import Experts
 from tunewright.modules.peft.apply import expert_lora_modules, lora_modules
 from tunewright.modules.peft.expert_lora import LoRAExperts
@@ -109,14 +111,18 @@ def load_hf_sharded(model: nn.Module, model_dir: Path, *, dtype: torch.dtype) ->
     family = get_family(model.args.family)
     params = dict(model.named_parameters())
     adapters = adapter_param_names(model)
-    shapes = {n: p.shape for n, p in params.items() if n not in adapters}
+    fresh = fresh_score_weights(model, model_dir)  # a new score head on a causal LM's checkpoint
+    shapes = {n: p.shape for n, p in params.items() if n not in adapters and n not in fresh}
     dora = {f"{path}.weight": f"{path}.magnitude" for path, m in lora_modules(model) if m.magnitude is not None}
     for name, full in iter_model_tensors(model_dir, family, shapes, dtype=dtype,
-                                              tie_embeddings=model.args.tie_embeddings):
+                                              tie_embeddings=model.args.tie_embeddings,
+                                              num_labels=model.args.num_labels):
         if name in dora:
             magnitude = dora[name]
             load_full_into(model, magnitude, full.norm(dim=1).to(params[magnitude].dtype))
         load_full_into(model, name, full)
+    for name, full in fresh.items():
+        load_full_into(model, name, full.to(dtype))
 
 
 @torch.no_grad()
@@ -207,6 +213,7 @@ def save_pretrained_sharded(
     check_output_dir(out_dir, HF_MODEL, overwrite=overwrite)  # every rank: before any gather
 
     family = get_family(skeleton.args.family)
+    weights = score_weight_map(family.weight_map, skeleton.args.num_labels)
     target = merge_lora(copy.deepcopy(skeleton)) if merge else skeleton  # meta: names and shapes
     source = Path(source_dir) if source_dir is not None else None
     plan = _shard_plan(list(hf_state_dict(target, family)), source, family)
@@ -217,11 +224,11 @@ def save_pretrained_sharded(
 
     def files() -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         for fname, hf_names in plan.items():
-            ours = list(dict.fromkeys(n for hf in hf_names for n in family.weight_map.place(hf).ours))
+            ours = list(dict.fromkeys(n for hf in hf_names for n in weights.place(hf).ours))
             merged_experts: dict[str, nn.Module] = {}  # per file: held only while it is written
             full = {n: _full_value(model_params, skeleton, n, merge, merged_experts).to(dtype or base_dtype)
                     for n in ours}
-            hf = family.weight_map.hf_tensors(full)
+            hf = weights.hf_tensors(full)
             yield fname, {n: hf[n].contiguous() for n in hf_names}
 
     if not dist.is_main():
@@ -244,7 +251,8 @@ def write_peft_adapter_sharded(model: nn.Module, skeleton: nn.Module, directory:
     model_params = dict(model.named_parameters())
     view = copy.deepcopy(skeleton)
     view_params = dict(view.named_parameters())
-    for name in sorted(adapter_param_names(view)):
+    score = {HEAD} if view.args.num_labels is not None else set()  # a score head trains whole, saved with it
+    for name in sorted(adapter_param_names(view) | score):
         value = full_tensor(model_params[name])
         owner, _, leaf = name.rpartition(".")
         setattr(view.get_submodule(owner), leaf, nn.Parameter(value, requires_grad=view_params[name].requires_grad))
