@@ -12,8 +12,9 @@ replay the same order. `set_epoch(e)` with a different epoch starts epoch `e` fr
 beginning; with the current epoch it keeps the position, so a resumed loop may call it as usual.
 
 Checkpoints: `state_dict()` counts the indices this sampler has yielded. A DataLoader with
-workers pulls indices ahead of the training step (prefetch), so a recipe should save
-``{"epoch": epoch, "index": batches_done * batch_size}`` rather than the raw count.
+workers pulls indices ahead of the training step (prefetch), so what a checkpoint needs is the
+position of the batches consumed: `state_dict(position=(epoch, index))` describes that one
+(`training/batching.py` `Batches` does, counting the batches it hands out).
 
 Another number of ranks: the state also records `world_size` and `consumed`, the position in
 the epoch's global order (``index * world_size``: ranks take turns, so after `index` each, the
@@ -85,9 +86,11 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
             self.epoch = epoch
             self.index = 0
 
-    def state_dict(self) -> dict[str, int]:
-        state = {"epoch": self.epoch, "index": self.index, "world_size": self.world_size,
-                 "consumed": self.index * self.world_size}
+    def state_dict(self, position: tuple[int, int] | None = None) -> dict[str, int]:
+        """This sampler's state, or with `position` (epoch, index) the state of that position."""
+        epoch, index = position if position is not None else (self.epoch, self.index)
+        state = {"epoch": epoch, "index": index, "world_size": self.world_size,
+                 "consumed": index * self.world_size}
         if self.group_by_length:
             state["megabatch_size"] = self.megabatch_size
         return state

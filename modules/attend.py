@@ -57,14 +57,20 @@ class Layout:
     @classmethod
     def varlen(cls, seq_lens: Sequence[int], device: torch.device | str) -> "Layout":
         """Sequences of `seq_lens` (host ints) end to end; the device tensors are made from the
-        host values (a copy to the device, never a read back)."""
+        host values: one copy to the device (asynchronous, from pinned memory on CUDA), never a
+        read back."""
         lens = tuple(int(n) for n in seq_lens)
+        total, n = sum(lens), len(lens)
         lengths = torch.tensor(lens, dtype=torch.int64)
-        cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
-        cu[1:] = lengths.cumsum(0)
-        seq_ids = torch.repeat_interleave(torch.arange(len(lens)), lengths)
-        return cls("varlen", seq_lens=lens, cu_seqlens=cu.to(device, non_blocking=True),
-                   seq_ids=seq_ids.to(device, non_blocking=True), max_seqlen=max(lens, default=0))
+        # seq_ids [T] then cu_seqlens [n + 1] in one host buffer; seq_ids first, so that it
+        # starts at offset 0 of the device copy (a compiled graph sees the same layout each time)
+        host = torch.empty(total + n + 1, dtype=torch.int64, pin_memory=torch.device(device).type == "cuda")
+        host[:total] = torch.repeat_interleave(torch.arange(n), lengths, output_size=total)
+        host[total] = 0
+        torch.cumsum(lengths, 0, out=host[total + 1:])
+        both = host.to(device, non_blocking=True)
+        return cls("varlen", seq_lens=lens, cu_seqlens=both[total:].to(torch.int32), seq_ids=both[:total],
+                   max_seqlen=max(lens, default=0))
 
 
 def kernel_for(layout: Layout, device: torch.device, dtype: torch.dtype, query_len: int, *,

@@ -209,7 +209,8 @@ RUN_DEFAULTS = {"seed": 0, "device": "cpu", "dtype": "fp32", "num_threads": None
 DEFAULTS = {
     "sft": {**RUN_DEFAULTS, "batch_size": 2, "gradient_accumulation_steps": 1, "epochs": 1,
             "max_steps_per_epoch": None, "max_steps": None, "clip_grad_norm": 1.0, "shuffle": True,
-            "padding_free": True, "log_every_n_steps": 1, "eval_every_n_steps": None,
+            "padding_free": True, "num_workers": None, "pin_memory": None, "log_every_n_steps": 1,
+            "eval_every_n_steps": None,
             "save_every_n_steps": None, "keep_last_n_checkpoints": 2, "resume_from_checkpoint": False,
             "save_final_model": None, "progress_bar": True, "val_dataset": None, "lr_scheduler": None,
             "lora_rank": None, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_targets": "all-linear",

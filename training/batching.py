@@ -28,27 +28,77 @@ Batch = dict[str, Any]
 
 
 class Batches:
-    """Collated batches of a dataset in sampler order; the sampler holds the resumable position."""
+    """Collated batches of a dataset in sampler order, with the position a checkpoint saves.
 
-    def __init__(self, dataset: Any, sampler: Any, batch_size: int, collate: Callable[[list], Batch]) -> None:
+    With `num_workers`, DataLoader worker processes collate the batches ahead of the loop (and
+    with `pin_memory` a thread copies them into page-locked memory, so `to_device` copies to a
+    GPU asynchronously); the batches and their order are the same as without. The workers pull
+    indices from the sampler ahead of the loop, so the position saved (`state_dict`) is that of
+    the batches handed out so far, not the sampler's own.
+    """
+
+    def __init__(self, dataset: Any, sampler: Any, batch_size: int, collate: Callable[[list], Batch], *,
+                 num_workers: int = 0, pin_memory: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.dataset, self.sampler, self.batch_size, self.collate = dataset, sampler, batch_size, collate
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self._position: tuple[int, int] | None = None  # (epoch, index) after the batches handed out
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        return self._collated(iter(self.sampler))
+        """The batches from the sampler's position to the end of its epoch."""
+        epoch, index = getattr(self.sampler, "epoch", 0), getattr(self.sampler, "index", 0)
+        size = len(self.sampler)
+        # the sampler's rule: handing out the last index of an epoch moves to the next one
+        self._position = (epoch + 1, 0) if index >= size else (epoch, index)
+        return self._counted(self._collated(iter(self.sampler)), epoch, index, size)
+
+    def _counted(self, batches: Iterator[Batch], epoch: int, index: int, size: int) -> Iterator[Batch]:
+        for batch in batches:
+            index = min(index + self.batch_size, size)
+            self._position = (epoch + 1, 0) if index >= size else (epoch, index)
+            yield batch
 
     def first_epoch(self) -> Iterator[Batch]:
         """Every batch of epoch 0 from its start, leaving the position alone: a held-out pass
         reads the same rows each time it runs."""
         return self._collated(iter(self.sampler.epoch_indices(0)))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's state at the batches handed out (its own before any was)."""
+        if self._position is None:
+            return self.sampler.state_dict()
+        return self.sampler.state_dict(position=self._position)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+        self._position = None
+
     def _collated(self, indices: Iterator[int]) -> Iterator[Batch]:
-        while chunk := list(itertools.islice(indices, self.batch_size)):
-            yield self.collate([self.dataset[i] for i in chunk])
+        chunks = _Chunks(indices, self.batch_size)
+        if not self.num_workers and not self.pin_memory:  # in this thread, no DataLoader machinery
+            return (self.collate([self.dataset[i] for i in chunk]) for chunk in chunks)
+        # A generator of its own: the loader draws its workers' base seed from it, not from
+        # torch's global generator, whose state the run's results depend on.
+        return iter(torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=chunks, collate_fn=self.collate, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, generator=torch.Generator()))
+
+
+class _Chunks:
+    """Lists of `size` consecutive indices (the last one shorter): a DataLoader's batch sampler."""
+
+    def __init__(self, indices: Iterator[int], size: int) -> None:
+        self.indices, self.size = indices, size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while chunk := list(itertools.islice(self.indices, self.size)):
+            yield chunk
 
 
 class StepBatches:
@@ -112,10 +162,10 @@ class StepBatches:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "sampler": self.batches.sampler.state_dict()}
+                "sampler": self.batches.state_dict()}  # the batches consumed, not prefetched
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batches.sampler.load_state_dict(state["sampler"])
+        self.batches.load_state_dict(state["sampler"])
         self.epoch, self.step_in_epoch, self._iter = state["epoch"], state["step_in_epoch"], None
 
 

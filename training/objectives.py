@@ -8,7 +8,8 @@ by chunk on the target positions only, so no [batch, seq, vocab] logits tensor e
     val = evaluate_loss(model, val_batches, causal_lm_loss, device=device).loss
 
 A batch is a collated dict (`data/collate.py`: `tokens`, `labels` already shifted with -100 on
-positions that do not count, `seq_lens` or packed `doc_ids`/`input_pos`). `padding_free`
+positions that do not count, `seq_lens` or packed `doc_ids`/`input_pos`), or the padding-free
+form `collate_flat` makes on the host ([1, T], `seq_lens`, `row_ids`, `num_rows`). `padding_free`
 computes only the real tokens (`training/unpad.py`), with the same values as the padded batch up
 to float rounding.
 """
@@ -30,13 +31,17 @@ LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
 
 def hidden_states(model: nn.Module, batch: Batch, *, padding_free: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(normed hidden states [b', s', dim], labels [b', s'], row of the batch of each position
-    [b', s']): [1, T] when padding-free, the batch's own [b, s] otherwise."""
-    from tunewright.training.unpad import flatten_batch
+    [b', s']): [1, T] when padding-free, the batch's own [b, s] otherwise. A batch collated
+    padding-free (`collate_flat`) is used as it is, whatever `padding_free` says: it has no
+    padding to put back. A padded batch with `padding_free` is flattened here (on a GPU that
+    reads lengths back, which a training loop avoids by collating flat)."""
+    from tunewright.training.unpad import flatten_batch, is_flat
 
-    if padding_free and ("seq_lens" in batch or "doc_ids" in batch):
-        flat = flatten_batch(batch)
-        hidden = model(flat["tokens"], input_pos=flat["input_pos"], seq_lens=flat["seq_lens"], hidden_only=True)
-        return hidden, flat["labels"], flat["row_ids"]
+    if not is_flat(batch) and padding_free and ("seq_lens" in batch or "doc_ids" in batch):
+        batch = flatten_batch(batch)
+    if is_flat(batch):
+        hidden = model(batch["tokens"], input_pos=batch["input_pos"], seq_lens=batch["seq_lens"], hidden_only=True)
+        return hidden, batch["labels"], batch["row_ids"]
     hidden = model(batch["tokens"], input_pos=batch.get("input_pos"), doc_ids=batch.get("doc_ids"),
                    hidden_only=True)
     labels = batch["labels"]
@@ -102,7 +107,7 @@ def sequence_logprobs(
     """Per row of the batch: the sum of its target tokens' log-probs ([b], differentiable) and
     their number ([b]); a packed row counts as one sequence. Options as `token_logprobs`."""
     logp, rows = token_logprobs(model, batch, **options)
-    num_rows = batch["labels"].shape[0]
+    num_rows = batch.get("num_rows", batch["labels"].shape[0])  # a flat batch's labels are [1, T]
     counts = per_row_sum(torch.ones_like(logp), rows, num_rows).detach()
     return per_row_sum(logp, rows, num_rows), counts
 
