@@ -7,7 +7,8 @@ Layouts (`Layout`, built once per forward by the decoder):
 - `varlen`: independent sequences laid end to end in one row, [1, T] (padding-free batches and
   packed documents), described by their lengths on the host and `cu_seqlens` on the device;
 - `masked`: an explicit bool mask [b | 1, 1, s, kv] (packed rows kept padded);
-- `cached`: queries at `cache_pos` of a KV cache (generation: prefill and one-token decode).
+- `cached`: queries at `cache_pos` of a KV cache (generation: prefill and one-token decode);
+  with `mask`, rows whose prompts were left-padded see only their own keys (rollouts).
 
 Kernels (`kernel_for` says which one a layer gets; `describe` logs it):
 - `sdpa`: `scaled_dot_product_attention`, causal or with a mask; GQA by SDPA's own `enable_gqa`
@@ -105,7 +106,7 @@ def attend(
     if kernel == "flex":
         return _flex(q, k, v, layout, scale, window, softcap)
     if kernel == "decode_grouped":
-        return _decode_grouped(q, k, v, scale, window, softcap)
+        return _decode_grouped(q, k, v, scale, window, softcap, layout.mask)
     if kernel.startswith("per_sequence"):
         lens = layout.seq_lens
         return torch.cat([
@@ -185,18 +186,20 @@ def _manual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 
 def _decode_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                    window: int | None, softcap: float | None) -> torch.Tensor:
+                    window: int | None, softcap: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per row: [b, h, 1, d] -> [b, kv_heads, h / kv_heads, d] against the
-    cache as it is; every cached key is visible (a window keeps the last `window` keys)."""
+    cache as it is; every cached key is visible (a window keeps the last `window` keys) unless
+    `mask` [b, 1, 1, kv_len] hides some (rows of a batch with left-padded prompts)."""
     b, h, _, d = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     if window is not None and kv_len > window:
         k, v = k[:, :, kv_len - window:], v[:, :, kv_len - window:]
+        mask = mask[..., kv_len - window:] if mask is not None else None
     grouped = q.reshape(b, kv_heads, h // kv_heads, d)
     if softcap is None:
-        out = F.scaled_dot_product_attention(grouped, k, v, scale=scale)
+        out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)
     else:
-        out = _manual(grouped, k, v, None, scale, softcap, causal=False)
+        out = _manual(grouped, k, v, mask, scale, softcap, causal=False)
     return out.reshape(b, h, 1, d)
 
 

@@ -61,6 +61,16 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal)[:, None]
 
 
+def cached_mask(key_mask: torch.Tensor, cache_pos: int, s: int) -> torch.Tensor:
+    """bool [b, 1, s, cache_pos + s]: queries at cache_pos.. see the real cached keys up to
+    themselves. A query on a padding position sees itself only, so its (unused) row of
+    attention stays finite rather than a softmax over nothing."""
+    kv_len = cache_pos + s
+    q = torch.arange(cache_pos, kv_len, device=key_mask.device)[:, None]
+    k = torch.arange(kv_len, device=key_mask.device)[None]
+    return (((k <= q) & key_mask[:, None, :kv_len]) | (k == q))[:, None]
+
+
 class Decoder(nn.Module):
     def __init__(
         self,
@@ -114,6 +124,7 @@ class Decoder(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache_pos: int | None = None,
         seq_lens: Sequence[int] | None = None,
+        key_mask: torch.Tensor | None = None,
         hidden_only: bool = False,
     ) -> torch.Tensor:
         """tokens [b, s] -> logits [b, s, vocab] (or normed hidden [b, s, dim] if hidden_only).
@@ -122,13 +133,16 @@ class Decoder(nn.Module):
         [b, s]: packed-document ids for a block-diagonal causal mask; cache_pos: generation
         with KV caches (see `setup_caches`), the position where `tokens` start; seq_lens:
         tokens [1, T] hold independent sequences of these lengths end to end (padding-free
-        training, see `training/unpad.py`), with input_pos restarting for each.
+        training, see `training/unpad.py`), with input_pos restarting for each; key_mask
+        [b, cache length]: with cache_pos, which cached positions hold real tokens (False for
+        the left padding of shorter prompts in a batch, `training/rollout.py`).
         """
         with compute_autocast(self, tokens.device):  # mixed precision: modules/precision.py
-            return self._forward(tokens, input_pos, doc_ids, cache_pos, seq_lens, hidden_only)
+            return self._forward(tokens, input_pos, doc_ids, cache_pos, seq_lens, key_mask, hidden_only)
 
     def _forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None, doc_ids: torch.Tensor | None,
-                 cache_pos: int | None, seq_lens: Sequence[int] | None, hidden_only: bool) -> torch.Tensor:
+                 cache_pos: int | None, seq_lens: Sequence[int] | None, key_mask: torch.Tensor | None,
+                 hidden_only: bool) -> torch.Tensor:
         b, s = tokens.shape
         h = self.tok_embeddings(tokens)
         if self.embed_scale is not None:
@@ -138,7 +152,7 @@ class Decoder(nn.Module):
             input_pos = torch.arange(start, start + s, device=tokens.device).expand(b, s)
         cos_sin = self.rope.cos_sin(input_pos, h.dtype)
         local_cos_sin = cos_sin if self.local_rope is None else self.local_rope.cos_sin(input_pos, h.dtype)
-        layout = self.layout(tokens, doc_ids=doc_ids, cache_pos=cache_pos, seq_lens=seq_lens)
+        layout = self.layout(tokens, doc_ids=doc_ids, cache_pos=cache_pos, seq_lens=seq_lens, key_mask=key_mask)
         if layout.kind in ("varlen", "batch"):
             # Every training batch has its own length (and the last one fewer rows): compiled
             # blocks trace them as symbols from the first batch on (one graph) instead of
@@ -157,10 +171,11 @@ class Decoder(nn.Module):
 
     @staticmethod
     def layout(tokens: torch.Tensor, *, doc_ids: torch.Tensor | None = None, cache_pos: int | None = None,
-               seq_lens: Sequence[int] | None = None) -> Layout:
+               seq_lens: Sequence[int] | None = None, key_mask: torch.Tensor | None = None) -> Layout:
         """How the batch's tokens are laid out for attention (`modules/attend.py`)."""
         if cache_pos is not None:
-            return Layout("cached", cache_pos=cache_pos)
+            return Layout("cached", cache_pos=cache_pos,
+                          mask=None if key_mask is None else cached_mask(key_mask, cache_pos, tokens.shape[1]))
         if seq_lens is not None:
             return Layout.varlen(seq_lens, tokens.device)
         if doc_ids is not None:
@@ -184,14 +199,23 @@ class Decoder(nn.Module):
         return counts
 
     def setup_caches(self, batch_size: int, max_seq_len: int) -> None:
-        """Give every attention layer a KV cache (generation); `reset_caches` removes them."""
+        """Give every attention layer a KV cache (generation); `reset_caches` removes them.
+        The cache holds keys in the dtype the model computes them in (bf16 under mixed
+        precision, whatever the embedding's master dtype)."""
         p = self.tok_embeddings.weight
+        dtype = getattr(self, "autocast_dtype", None) or p.dtype
         for layer in self.layers:
             attn = layer.attn
             attn.kv_cache = KVCache(
                 batch_size=batch_size, max_seq_len=max_seq_len, num_kv_heads=attn.num_kv_heads,
-                head_dim=attn.head_dim, dtype=p.dtype, device=p.device,
+                head_dim=attn.head_dim, dtype=dtype, device=p.device,
             )
+
+    def select_cache_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (in this order, repeats allowed) of every layer's KV cache:
+        a prompt's prefill copied to its generations, finished rows dropped."""
+        for layer in self.layers:
+            layer.attn.kv_cache.select(rows)
 
     def reset_caches(self) -> None:
         for layer in self.layers:

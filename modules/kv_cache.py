@@ -18,6 +18,11 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_seq_len = max_seq_len
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows` of the batch (an index tensor on the cache's device)."""
+        self.k = self.k.index_select(0, rows)
+        self.v = self.v.index_select(0, rows)
+
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [b, kv_heads, s, d] at positions start..start+s; return everything so far."""
         end = start + k.shape[2]

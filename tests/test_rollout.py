@@ -1,0 +1,130 @@
+"""The rollout engine (`training/rollout.py`): prompts of different lengths decoded in one batch
+give transformers' greedy tokens for each prompt alone; the log-probs it samples with are the
+ones a training step recomputes (importance ratio 1); stops, dropped rows and seeds behave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunewright.data.tokenizer.base import IGNORE_INDEX
+from tunewright.models import ModelArgs, build_model, save_pretrained
+from tunewright.models.builder import init_weights
+from tunewright.modules.peft.apply import apply_lora
+from tunewright.training.objectives import token_logprobs
+from tunewright.training.rollout import rollout
+
+ARGS = {
+    "llama": ModelArgs(family="llama", vocab_size=101, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_dim=128),
+}
+PROMPTS = [[1, 5, 7, 9, 11, 4, 2], [3, 4], [8, 8, 2, 60, 7], [99]]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(std: float = 0.3) -> torch.nn.Module:
+    model = build_model(ARGS["llama"], device="cpu")
+    init_weights(model, seed=0, std=std)  # wide: argmax far from ties under any summation order
+    return model.eval()
+
+
+def test_greedy_rows_of_different_lengths_equal_transformers_one_prompt_at_a_time(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny()
+    save_pretrained(model, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    n = 16
+    want = []
+    with torch.no_grad():
+        for p in PROMPTS:
+            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                              eos_token_id=None)
+            want.append(out[0, len(p):].tolist())
+    got = rollout(model, PROMPTS, num_generations=2, max_new_tokens=n, temperature=0.0)
+    assert got.completions == [w for w in want for _ in range(2)]
+    assert got.prompts == [p for p in PROMPTS for _ in range(2)]
+    assert got.truncated == [True] * 8
+    assert len(set(map(tuple, want))) == len(PROMPTS)  # not a degenerate model
+
+
+def test_stops_end_rows_alone_and_dropping_finished_rows_changes_nothing():
+    model = tiny()
+    full = rollout(model, PROMPTS, max_new_tokens=20, temperature=0.0).completions
+    # A stop id that ends some rows early (so rows get dropped from the batch midway).
+    stop = full[1][3]
+    got = rollout(model, PROMPTS, max_new_tokens=20, temperature=0.0, stop_ids=[stop])
+    for row, ids, truncated in zip(full, got.completions, got.truncated):
+        end = row.index(stop) + 1 if stop in row else len(row)
+        assert ids == row[:end]
+        assert truncated == (stop not in row)
+    assert sum(not t for t in got.truncated) >= 1
+
+
+def _training_logprobs(model, rows, temperature):
+    """What a training step recomputes: the rows (prompt + completion) padding-free, log-probs
+    of the completion tokens at `temperature`."""
+    items = []
+    for prompt, completion in rows:
+        tokens = prompt + completion
+        labels = [IGNORE_INDEX] * (len(prompt) - 1) + completion + [IGNORE_INDEX]
+        items.append((tokens, labels))
+    width = max(len(t) for t, _ in items)
+    batch = {
+        "tokens": torch.tensor([t + [0] * (width - len(t)) for t, _ in items]),
+        "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in items]),
+        "seq_lens": [len(t) for t, _ in items],
+    }
+    logp, row_of = token_logprobs(model, batch, temperature=temperature)
+    return [logp[row_of == i] for i in range(len(items))]
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.7, 20)])
+def test_sampling_logprobs_are_what_training_recomputes(temperature, top_k):
+    """At the first inner step of a batch the new/old ratio is exp(0) = 1 for every token: the
+    rollout's log-probs equal the training forward's (fp32, within 1e-5), LoRA active."""
+    model = tiny(std=0.05)
+    apply_lora(model, targets=["q_proj", "v_proj", "output"], rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.1)  # adapters that change the model
+    gen = torch.Generator().manual_seed(0)
+    out = rollout(model, PROMPTS, num_generations=3, max_new_tokens=12, temperature=temperature,
+                  top_k=top_k, generator=gen, stop_ids=[7])
+    want = _training_logprobs(model, list(zip(out.prompts, out.completions)), temperature)
+    for got, ref in zip(out.logprobs, want):
+        assert got.shape == ref.shape
+        assert torch.allclose(got, ref.detach(), atol=1e-5, rtol=0)
+    assert len({tuple(c) for c in out.completions}) > len(PROMPTS)  # generations of a prompt differ
+
+
+def test_sampling_is_reproducible_from_its_generator():
+    model = tiny(std=0.05)
+    first = rollout(model, PROMPTS, num_generations=4, max_new_tokens=10,
+                    generator=torch.Generator().manual_seed(3))
+    again = rollout(model, PROMPTS, num_generations=4, max_new_tokens=10,
+                    generator=torch.Generator().manual_seed(3))
+    other = rollout(model, PROMPTS, num_generations=4, max_new_tokens=10,
+                    generator=torch.Generator().manual_seed(4))
+    assert first.completions == again.completions
+    assert first.completions != other.completions
+
+
+def test_model_state_is_restored_and_bad_arguments_are_one_line():
+    model = tiny().train()
+    rollout(model, [[1, 2]], max_new_tokens=2)
+    assert model.training and all(layer.attn.kv_cache is None for layer in model.layers)
+    for kwargs, match in [({"num_generations": 0}, "num_generations"), ({"max_new_tokens": 0}, "max_new_tokens"),
+                          ({"temperature": -1.0}, "temperature")]:
+        with pytest.raises(ValueError, match=match):
+            rollout(model, [[1, 2]], **{"max_new_tokens": 2, **kwargs})
+    with pytest.raises(ValueError, match="at least one token"):
+        rollout(model, [[1], []], max_new_tokens=2)

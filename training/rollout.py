@@ -1,0 +1,153 @@
+"""Rollouts for online RL: many prompts x `num_generations` sampled at once with the model being
+trained, returning the completions and the log-probs they were sampled with.
+
+    out = rollout(model, prompts, num_generations=8, max_new_tokens=256, temperature=1.0,
+                  stop_ids=tokenizer.stop_ids, generator=gen)
+    out.completions[i]   # ids of row i (prompt-major: prompt i // 8, generation i % 8)
+    out.logprobs[i]      # log p(token) under softmax(logits / temperature), one per id
+    out.truncated[i]     # ran into max_new_tokens without a stop id
+
+Unlike `generation.generate` (prompts of one length decoded together), every row of every
+prompt length decodes in one batch: prompts are left-padded to the longest, each row's RoPE
+positions start at its own first real token, and a key mask hides the padding from attention
+(`Decoder.forward(key_mask=...)`). Each distinct prompt is prefilled once and its KV cache
+copied to its generations. Rows that stop are dropped from the batch (and their caches) once
+a quarter of the batch has stopped, so finished rows stop costing compute.
+
+The log-probs are those of the full distribution at `temperature` (before top-k / top-p cut
+it), which is what the training step recomputes (`objectives.token_logprobs(temperature=)`):
+the same model and numbers, so the first importance ratio of a batch is 1 (tested to 1e-5 in
+fp32). Sampling draws only from `generator` (resumable: its state goes into checkpoints).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from tunewright.modules.precision import compute_autocast
+from tunewright.training.generation import check_sampling, sample
+
+
+@dataclass
+class Rollouts:
+    prompts: list[list[int]]  # one per row (a prompt repeated for each of its generations)
+    completions: list[list[int]]  # new ids per row; a stop id, when reached, is the last
+    logprobs: list[torch.Tensor]  # float32 [len(completion)] per row, on the model's device
+    truncated: list[bool]  # ended by max_new_tokens, not by a stop id
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+
+@torch.no_grad()
+def rollout(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    num_generations: int = 1,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: Iterable[int] = (),
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+    vocab_size: int | None = None,
+) -> Rollouts:
+    """Sample `num_generations` completions of each prompt (rows in prompt-major order). The
+    model is in eval mode meanwhile (no dropout) and gets KV caches, both undone on return."""
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    if num_generations < 1 or max_new_tokens < 1:
+        raise ValueError(f"rollout: num_generations ({num_generations}) and max_new_tokens "
+                         f"({max_new_tokens}) must be >= 1")
+    unique = [[int(t) for t in p] for p in prompts]
+    if not unique or any(not p for p in unique):
+        raise ValueError("rollout: every prompt needs at least one token")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with compute_autocast(model, device):  # the head too, as the training step computes it
+            ids, logp, lengths, stopped = _decode(
+                model, unique, num_generations, max_new_tokens, device=device, pad_id=pad_id,
+                stops=torch.tensor(sorted({int(t) for t in stop_ids}) or [-1], device=device),
+                pick=lambda logits: sample(logits[:, :vocab_size], temperature=temperature, top_k=top_k,
+                                           top_p=top_p, generator=generator),
+                temperature=temperature)
+    finally:
+        model.reset_caches()
+        model.train(was_training)
+    lengths_host, ids_host = lengths.tolist(), ids.tolist()
+    rows = range(len(lengths_host))
+    return Rollouts(
+        prompts=[unique[i // num_generations] for i in rows],
+        completions=[ids_host[i][:lengths_host[i]] for i in rows],
+        logprobs=[logp[i, :lengths_host[i]] for i in rows],
+        truncated=[not s for s in stopped.tolist()],
+    )
+
+
+def _decode(
+    model: nn.Module, prompts: list[list[int]], g: int, max_new_tokens: int, *, device: torch.device,
+    pad_id: int, stops: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor], temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, log-probs [rows, max_new_tokens], lengths, stopped [rows]) of every output row."""
+    n, width = len(prompts), max(len(p) for p in prompts)
+    total = width + max_new_tokens
+    # Left-padded prompts; each row's positions count from its first real token.
+    starts = torch.tensor([width - len(p) for p in prompts], device=device)
+    tokens = torch.full((n, width), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = torch.tensor(p)
+    cols = torch.arange(total, device=device)
+    key_mask = cols[None, :] >= starts[:, None]  # [n, total]: real (or still to come) positions
+    positions = (cols[None, :] - starts[:, None]).clamp(min=0)
+
+    model.setup_caches(n, total)
+    hidden = model(tokens.to(device), input_pos=positions[:, :width], cache_pos=0, key_mask=key_mask,
+                   hidden_only=True)
+    # Each prompt prefilled once; its cache and last logits copied to its g generations.
+    copies = torch.arange(n, device=device).repeat_interleave(g)
+    model.select_cache_rows(copies)
+    logits = model.head(hidden[:, -1]).float()[copies]
+    key_mask, positions = key_mask[copies], positions[copies]
+
+    rows = n * g
+    ids = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logp = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=device)
+    stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+    active = torch.arange(rows, device=device)  # the output row of each batch row
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)  # per batch row
+    for step in range(max_new_tokens):
+        next_ids = pick(logits)
+        scaled = logits / temperature if temperature > 0 else logits
+        chosen = torch.log_softmax(scaled, dim=-1).gather(1, next_ids[:, None]).squeeze(1)
+        live = ~finished
+        ids[active[live], step] = next_ids[live]
+        logp[active[live], step] = chosen[live]
+        lengths[active[live]] = step + 1
+        finished = finished | torch.isin(next_ids, stops)
+        stopped[active] = finished
+        if step == max_new_tokens - 1:
+            break
+        # One read back per step (the batch's shape depends on it), as any stop check needs.
+        num_done = int(finished.sum())
+        if num_done == len(active):
+            break
+        if num_done * 4 >= len(active):  # a quarter finished: drop those rows and their caches
+            keep = (~finished).nonzero().squeeze(1)
+            model.select_cache_rows(keep)
+            active, next_ids, finished = active[keep], next_ids[keep], finished[keep]
+            key_mask, positions = key_mask[keep], positions[keep]
+        else:  # a finished row idles, writing nothing, until enough rows have finished
+            next_ids = next_ids.masked_fill(finished, pad_id)
+        pos = width + step
+        hidden = model(next_ids[:, None], input_pos=positions[:, pos:pos + 1], cache_pos=pos,
+                       key_mask=key_mask, hidden_only=True)
+        logits = model.head(hidden[:, -1]).float()
+    return ids, logp, lengths, stopped
