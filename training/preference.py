@@ -18,12 +18,13 @@ tokens (the paper's L_SFT), where TRL averages over all tokens of the batch, pro
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from tunewright.training.batching import Batch, global_sum
+from tunewright.training.batching import Batch, Batches, global_sum, to_device
 
 Tensor = torch.Tensor
 Metrics = dict[str, Tensor]
@@ -193,3 +194,53 @@ def pair_count(micro_batches: Sequence[Batch], *, device: torch.device | str) ->
     as `batching.target_count` counts targets: a float tensor, at least 1."""
     n = torch.tensor(float(sum(int(b["num_pairs"]) for b in micro_batches)), device=device)
     return global_sum(n).clamp_(min=1.0)
+
+
+# The metrics a preference recipe logs each step (those a loss does not give are left out).
+LOGGED = ("rewards/chosen", "rewards/rejected", "margin", "accuracy", "logps/chosen", "logps/rejected")
+
+
+def check_preference_config(cfg: Any) -> None:
+    """ConfigError, before any work, for a `loss` the other keys cannot serve."""
+    from tunewright.training.errors import ConfigError
+
+    if cfg.precompute_ref_logps and cfg.loss in REFERENCE_FREE:
+        raise ConfigError(f"precompute_ref_logps: loss {cfg.loss} uses no reference model; drop the key")
+    if cfg.precompute_ref_logps and cfg.loss == "kto":
+        raise ConfigError("precompute_ref_logps: kto forms its KL rows from each batch, which a pass before "
+                          "training cannot know; use LoRA (reference = adapters off) or a frozen copy (the default)")
+
+
+def check_preference_data(loss: str, dataset: Any) -> None:
+    """ValueError when the dataset's items do not fit the loss: KTO takes unpaired examples,
+    the others pairs."""
+    item = dataset[0]
+    if loss == "kto" and "label" not in item:
+        raise ValueError("loss: kto trains on unpaired examples (prompt, completion, label); set dataset._component_: "
+                         "tunewright.data.preference.unpaired_preference_dataset")
+    if loss != "kto" and "chosen_tokens" not in item:
+        raise ValueError(f"loss: {loss} trains on pairs (prompt, chosen, rejected); set dataset._component_: "
+                         "tunewright.data.preference.preference_dataset")
+
+
+@torch.no_grad()
+def evaluate_preference(
+    objective: Callable[..., tuple[Tensor, Metrics]],
+    batches: Batches,
+    *,
+    device: torch.device | str,
+    model: torch.nn.Module,
+    max_batches: int | None = None,
+    kl: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Held-out `loss` (mean over pairs) and the `LOGGED` metrics over `batches` from their
+    start (at most `max_batches`) and all data-parallel ranks, the model in eval mode meanwhile.
+    `objective(batch, kl)` is the recipe's; KTO uses the last training step's `kl`."""
+    was_training = model.training
+    model.eval()
+    sums = MetricSums(device)
+    for batch in itertools.islice(batches.first_epoch(), max_batches):
+        losses, values = objective(to_device(batch, device), kl)
+        sums.add({"loss": losses, **values})
+    model.train(was_training)
+    return sums.means(("loss", *LOGGED))

@@ -38,6 +38,7 @@ def suggest(name: str, options: list[str]) -> str:
 ALIASES = {
     "full_finetune_single_device": "sft", "lora_finetune_single_device": "sft",
     "full_finetune_distributed": "sft", "lora_finetune_distributed": "sft",
+    "lora_dpo_single_device": "dpo", "lora_dpo_distributed": "dpo", "full_dpo_distributed": "dpo",
 }
 
 
