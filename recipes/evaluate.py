@@ -137,7 +137,8 @@ def main(cfg: Config) -> dict[str, Any]:
 
     # ------------------------------------------------------------------ held-out loss
     dataset = instantiate(cfg.dataset, tokenizer=tokenizer)
-    batches = make_batches(dataset, pad_id=tokenizer.pad_id, batch_size=cfg.batch_size, shuffle=False)
+    batches = make_batches(dataset, pad_id=tokenizer.pad_id, batch_size=cfg.batch_size, shuffle=False,
+                           padding_free=not cfg.compile)  # flattened on the host, as collated
     # Compiled blocks get padded [b, s] batches: one graph with a dynamic length, where the
     # padding-free layout (a new list of row lengths per batch) recompiles batch after batch.
     loss_fn = functools.partial(causal_lm_loss, chunk_size=cfg.loss_chunk_size,
