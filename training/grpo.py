@@ -1,0 +1,185 @@
+"""GRPO and its successors as functions on tensors: group-normalised advantages, the clipped
+policy loss of each `loss_type`, its metrics, and the helpers around them (TRL's names).
+
+    adv = group_advantages(rewards, num_generations=8, scale_rewards="group")      # [N]
+    mask = completion_mask(lengths, truncated, mask_truncated=True)               # [N, T]
+    loss, metrics = policy_loss(logps, old_logps, adv, mask, loss_type="dapo",
+                                num_tokens=step_tokens, ...)                      # loss.backward()
+
+Rows are prompt-major (`training/rollout.py`): rows g*G .. g*G+G-1 are the G generations of
+prompt g. Per-token tensors are [N, T] (completion tokens of each row, left-aligned, padding
+masked by `mask`).
+
+Advantages (GRPO, DeepSeekMath eq. 3; TRL's `scale_rewards`), for row i of group g:
+    A_i = (r_i - mean_g(r)) / (std + 1e-4)
+with std the unbiased std of the group (`group`) or of the whole batch (`batch`), or no
+division at all (`none`, Dr. GRPO). A group whose rewards are all equal has A = 0: it moves
+nothing (`zero_variance_groups` finds them for DAPO's dynamic sampling).
+
+The policy loss, per token t of row i (PPO's clipped surrogate, with w the importance ratio):
+    w_it = exp(logp_it - old_it)                          importance_sampling_level=token
+    w_i  = exp(sum_t m_it (logp_it - old_it) / |o_i|)     sequence (GSPO: length-normalised)
+    l_it = -min(w A_i, clip(w, 1 - epsilon, 1 + epsilon_high) A_i) + beta * KL_it
+    KL_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1          (k3, >= 0, 0 at equality)
+and its normaliser:
+    grpo     sum_i (sum_t m l / |o_i|) / num_sequences       per-sequence mean, then over rows
+    bnpo     sum_it m l / (tokens of this batch) / num_batches   token mean of each micro-batch
+    dr_grpo  sum_it m l / (num_sequences * max_completion_length)
+    dapo     sum_it m l / num_tokens                           token mean over the whole step
+`num_sequences`, `num_tokens` and `num_batches` are those of the whole optimizer step over all
+data-parallel ranks (micro-batches' gradients add up, and FSDP sums over ranks), so that
+splitting a step into micro-batches or ranks gives the update of one batch; left out, they are
+this batch's own, which is TRL's loss with one micro-batch on one process.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+ScaleRewards = Literal["group", "batch", "none"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+Level = Literal["token", "sequence"]
+STD_EPS = 1e-4  # TRL's: a group of equal rewards divides 0 by 1e-4, not by 0
+
+
+def _groups(rewards: Tensor, num_generations: int) -> Tensor:
+    if num_generations < 1 or rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of num_generations="
+                         f"{num_generations}")
+    return rewards.view(-1, num_generations)
+
+
+def group_advantages(rewards: Tensor, num_generations: int, *, scale_rewards: ScaleRewards = "group") -> Tensor:
+    """A_i = (r_i - group mean) / (std + 1e-4), std of the group, of the batch, or none (module
+    docstring). [N] rewards of prompt-major rows -> [N] advantages."""
+    grouped = _groups(rewards, num_generations)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    if scale_rewards == "none":
+        return centred
+    if scale_rewards == "group":
+        std = grouped.std(dim=1, keepdim=True).expand_as(grouped).reshape(-1) if num_generations > 1 \
+            else torch.zeros_like(rewards)
+    elif scale_rewards == "batch":
+        std = rewards.std().expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    else:
+        raise ValueError(f"scale_rewards must be group, batch or none, got {scale_rewards!r}")
+    return centred / (std + STD_EPS)
+
+
+def zero_variance_groups(rewards: Tensor, num_generations: int) -> Tensor:
+    """[num_groups] bool: the groups whose G rewards are all equal (no learning signal; DAPO's
+    dynamic sampling drops them)."""
+    grouped = _groups(rewards, num_generations)
+    return (grouped == grouped[:, :1]).all(dim=1)
+
+
+def completion_mask(lengths: Tensor, truncated: Tensor | None = None, *, mask_truncated: bool = False,
+                    width: int | None = None) -> Tensor:
+    """[N, T] float mask of the completion tokens of rows of `lengths`; with `mask_truncated`
+    (TRL's `mask_truncated_completions`), rows that hit max_new_tokens without a stop token
+    are masked whole: they count neither in the loss nor in its normalisers."""
+    width = int(lengths.max()) if width is None else width
+    mask = (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]).float()
+    if mask_truncated and truncated is not None:
+        mask = mask * (~truncated.bool()).float()[:, None]
+    return mask
+
+
+def soft_overlong_penalty(lengths: Tensor, *, max_completion_length: int, soft_punish_cache: int) -> Tensor:
+    """DAPO's soft overlong punishment (eq. 13), a reward per row from its completion length L:
+    0 for L <= max - cache, (max - cache - L) / cache up to max, -1 beyond."""
+    if not 0 <= soft_punish_cache <= max_completion_length:
+        raise ValueError(f"soft_punish_cache ({soft_punish_cache}) must be in [0, max_completion_length="
+                         f"{max_completion_length}]")
+    lengths = lengths.float()
+    start = max_completion_length - soft_punish_cache
+    ramp = (start - lengths) / max(soft_punish_cache, 1)
+    return torch.where(lengths <= start, torch.zeros_like(lengths),
+                       torch.where(lengths <= max_completion_length, ramp, -torch.ones_like(lengths)))
+
+
+def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per token: exp(d) - d - 1 with d = ref - logp."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def importance_weights(logps: Tensor, old_logps: Tensor, mask: Tensor, level: Level = "token") -> Tensor:
+    """w: [N, T] per token, or GSPO's [N, 1] exp of the masked mean log-ratio per sequence."""
+    log_ratio = logps - old_logps
+    if level == "token":
+        return torch.exp(log_ratio)
+    if level == "sequence":
+        return torch.exp(((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1))
+    raise ValueError(f"importance_sampling_level must be token or sequence, got {level!r}")
+
+
+def policy_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    loss_type: LossType = "dapo",
+    importance_sampling_level: Level = "token",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    ref_logps: Tensor | None = None,
+    entropies: Tensor | None = None,
+    max_completion_length: int | None = None,
+    num_sequences: float | Tensor | None = None,
+    num_tokens: float | Tensor | None = None,
+    num_batches: float | Tensor = 1,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """This batch's share of the step's loss (module docstring) and its metrics: per-token
+    (per-sequence at the sequence level) values whose mean over the step is logged, `kl`,
+    `entropy`, `clip_ratio/low`, `clip_ratio/high`, `clip_ratio/region` (TRL's clip fractions:
+    a token is low-clipped when w < 1 - epsilon with A < 0, high-clipped when w > 1 +
+    epsilon_high with A > 0: there the gradient is zero)."""
+    if beta and ref_logps is None:
+        raise ValueError("policy_loss: beta > 0 needs ref_logps (the reference's log-probs)")
+    eps_low, eps_high = epsilon, epsilon if epsilon_high is None else epsilon_high
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    w = importance_weights(logps, old_logps, mask, importance_sampling_level)
+    per_token = -torch.min(w * adv, torch.clamp(w, 1 - eps_low, 1 + eps_high) * adv)
+    kl = None
+    if beta:
+        kl = k3_kl(logps, ref_logps)
+        per_token = per_token + beta * kl
+    masked = per_token * mask  # [N, T]: a sequence-level loss broadcasts over its tokens
+    rows = mask.shape[0]
+    if loss_type == "grpo":
+        seqs = rows if num_sequences is None else num_sequences
+        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / seqs
+    elif loss_type == "bnpo":
+        loss = masked.sum() / mask.sum().clamp(min=1.0) / num_batches
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("policy_loss: loss_type dr_grpo needs max_completion_length")
+        seqs = rows if num_sequences is None else num_sequences
+        loss = masked.sum() / (seqs * max_completion_length)
+    elif loss_type == "dapo":
+        tokens = mask.sum() if num_tokens is None else num_tokens
+        loss = masked.sum() / torch.as_tensor(tokens, dtype=masked.dtype).clamp(min=1.0)
+    else:
+        raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {loss_type!r}")
+
+    with torch.no_grad():
+        keep = mask.bool()
+
+        def per_unit(x: Tensor) -> Tensor:  # sequence-level values count once per sequence
+            return x.squeeze(1) if x.shape[1] == 1 else x[keep]
+
+        low = (w < 1 - eps_low) & (adv < 0)
+        high = (w > 1 + eps_high) & (adv > 0)
+        metrics = {"clip_ratio/low": per_unit(low.float()), "clip_ratio/high": per_unit(high.float()),
+                   "clip_ratio/region": per_unit((low | high).float())}
+        if kl is not None:
+            metrics["kl"] = kl[keep]
+        if entropies is not None:
+            metrics["entropy"] = entropies[keep]
+    return loss, metrics
