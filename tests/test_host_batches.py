@@ -277,3 +277,21 @@ def test_a_lora_training_step_on_a_host_flat_batch_reads_nothing_back(kind, monk
         hidden.square().sum().backward()
     with pytest.raises(AssertionError, match="reads values back"), ReadBack():
         hidden_states(model, padded)  # the padded batch flattened on the device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA's own sync detector")
+def test_on_cuda_batches_come_pinned_and_the_decoder_step_never_syncs():
+    from tunewright.training.batching import to_device
+
+    items = batches_of("packed", 5)[0]
+    batch = next(iter(make_batches(items, pad_id=0, batch_size=len(items), shuffle=False, padding_free=True,
+                                   num_workers=2, pin_memory=True)))
+    assert all(batch[k].is_pinned() for k in KEYS)
+    model = tiny(lora=True).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        hidden, _, _ = hidden_states(model, to_device(batch, "cuda"))
+        hidden.square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
