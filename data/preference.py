@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence, Sized
 import numpy as np
 import torch
 
-from tunewright.data.collate import collate_padded
+from tunewright.data.collate import collate_flat, collate_padded
 from tunewright.data.formats import DataError, chat_messages
 from tunewright.data.sft import _describe, plain_ids
 from tunewright.data.sources import load_rows
@@ -244,18 +244,24 @@ class _Rows:
 
 
 # ---------------------------------------------------------------- pairs
-def collate_pairs(items: Sequence[Mapping[str, Any]], *, pad_id: int) -> dict[str, Any]:
+def _collate_rows(rows: list[dict[str, Any]], pad_id: int, padding_free: bool) -> dict[str, Any]:
+    """Plain rows batched as training batches are: flat on the host when padding-free
+    (`collate_flat`: [1, T], `row_ids`, `num_rows`), else padded [rows, s]."""
+    return (collate_flat if padding_free else collate_padded)(rows, pad_id=pad_id)
+
+
+def collate_pairs(items: Sequence[Mapping[str, Any]], *, pad_id: int, padding_free: bool = False) -> dict[str, Any]:
     """One batch of 2B rows: the B chosen answers, then the B rejected ones (row i and row
-    B + i are a pair), in `collate_padded`'s format, plus `num_pairs` (B). Precomputed
-    reference log-probs on the items (`ref_chosen_logps`, `ref_rejected_logps`) become [B]
-    float64 tensors."""
+    B + i are a pair), in the format plain rows get (`collate_padded`, or `collate_flat` when
+    `padding_free`), plus `num_pairs` (B). Precomputed reference log-probs on the items
+    (`ref_chosen_logps`, `ref_rejected_logps`) become [B] float32 tensors, as live ones are."""
     rows = [{"tokens": item[f"{side}_tokens"], "labels": item[f"{side}_labels"]}
             for side in ("chosen", "rejected") for item in items]
-    batch = collate_padded(rows, pad_id=pad_id)
+    batch = _collate_rows(rows, pad_id, padding_free)
     batch["num_pairs"] = len(items)
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if key in items[0]:
-            batch[key] = torch.tensor([item[key] for item in items], dtype=torch.float64)
+            batch[key] = torch.tensor([item[key] for item in items], dtype=torch.float32)
     return batch
 
 
@@ -371,11 +377,11 @@ def _prompt_length(labels: Sequence[int]) -> int:
     return next(i for i, t in enumerate(labels) if t != IGNORE_INDEX) + 1
 
 
-def collate_unpaired(items: Sequence[Mapping[str, Any]], *, pad_id: int) -> dict[str, Any]:
-    """KTO's batch: `collate_padded` of the examples, `label` [B] bool, `num_pairs` (B: the
-    loss terms), and under `kl` a batch of the mismatched rows (prompt_i, completion_{i-1}),
-    TRL's rotation, whose log-ratios estimate the KL term."""
-    batch = collate_padded([{"tokens": it["tokens"], "labels": it["labels"]} for it in items], pad_id=pad_id)
+def collate_unpaired(items: Sequence[Mapping[str, Any]], *, pad_id: int, padding_free: bool = False) -> dict[str, Any]:
+    """KTO's batch: the examples as plain rows (`collate_pairs` says how), `label` [B] bool,
+    `num_pairs` (B: the loss terms), and under `kl` a batch of the mismatched rows
+    (prompt_i, completion_{i-1}), TRL's rotation, whose log-ratios estimate the KL term."""
+    batch = _collate_rows([{"tokens": it["tokens"], "labels": it["labels"]} for it in items], pad_id, padding_free)
     batch["label"] = torch.tensor([bool(it["label"]) for it in items])
     batch["num_pairs"] = len(items)
     mismatched = []
@@ -385,10 +391,7 @@ def collate_unpaired(items: Sequence[Mapping[str, Any]], *, pad_id: int) -> dict
         tokens = list(item["tokens"][:cut]) + list(other["tokens"][other_cut:])
         labels = [IGNORE_INDEX] * (cut - 1) + list(other["labels"][other_cut - 1:])
         mismatched.append({"tokens": tokens, "labels": labels})
-    batch["kl"] = collate_padded(mismatched, pad_id=pad_id)
-    for key in ("ref_logps", "ref_kl_logps"):
-        if key in items[0]:
-            batch[key] = torch.tensor([item[key] for item in items], dtype=torch.float64)
+    batch["kl"] = _collate_rows(mismatched, pad_id, padding_free)
     return batch
 
 

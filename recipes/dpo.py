@@ -144,8 +144,9 @@ def main(cfg: Config) -> list[dict]:
             kl = None
             if cfg.loss == "kto":  # z₀: mismatched pairs' log-ratio over the whole step, no gradient
                 with torch.no_grad():
-                    kl_sum = sum((sequence_logprobs(model, b["kl"], **logp_options)[0]
-                                  - reference.logps(b["kl"])).sum() for b in micro_batches)
+                    kl_rows = [to_device(b["kl"], device) for b in micro_batches]
+                    kl_sum = sum((sequence_logprobs(model, rows, **logp_options)[0] - reference.logps(rows)).sum()
+                                 for rows in kl_rows)
                 kl = kto_kl(global_sum(kl_sum.double()), num_pairs)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             metrics = MetricSums(device)

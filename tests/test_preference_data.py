@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tunewright.data.formats import DataError
 from tunewright.data.preference import (PreferenceDataset, UnpairedPreferenceDataset, collate_pairs,
@@ -153,6 +154,15 @@ def test_collate_pairs_is_collate_padded_of_chosen_then_rejected(tokenizer) -> N
     assert batch.keys() == plain.keys()
     assert batch["tokens"][1, : len(items[1]["chosen_tokens"])].tolist() == items[1]["chosen_tokens"]
     assert batch["tokens"][3 + 1, : len(items[1]["rejected_tokens"])].tolist() == items[1]["rejected_tokens"]
+    # padding-free: the rows laid end to end on the host, as training batches of plain rows are
+    from tunewright.data.collate import collate_flat
+
+    flat = collate_pairs(items, pad_id=tokenizer.pad_id, padding_free=True)
+    want = collate_flat([{"tokens": it[f"{s}_tokens"], "labels": it[f"{s}_labels"]}
+                         for s in ("chosen", "rejected") for it in items])
+    assert flat.pop("num_pairs") == 3 and flat["num_rows"] == 6
+    assert flat.keys() == want.keys() and all(
+        torch.equal(v, want[k]) if torch.is_tensor(v) else v == want[k] for k, v in flat.items())
 
 
 def test_kto_batches_rotate_completions_for_the_kl_rows(tokenizer) -> None:

@@ -43,9 +43,11 @@ def make_batches(
         group_by_length=group_by_length, lengths=lengths, batch_size=batch_size,
     )
     # A dataset whose items are not plain rows (preference pairs) says how they batch.
-    collate = getattr(dataset, "collate", collate_flat if padding_free else collate_padded)
-    return Batches(dataset, sampler, batch_size, functools.partial(collate, pad_id=pad_id),
-                   num_workers=num_workers, pin_memory=pin_memory)
+    if hasattr(dataset, "collate"):
+        collate = functools.partial(dataset.collate, pad_id=pad_id, padding_free=padding_free)
+    else:
+        collate = functools.partial(collate_flat if padding_free else collate_padded, pad_id=pad_id)
+    return Batches(dataset, sampler, batch_size, collate, num_workers=num_workers, pin_memory=pin_memory)
 
 
 def build_data(cfg: Any) -> tuple[Any, Batches, Batches | None]:

@@ -148,6 +148,8 @@ class WithReference(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getattr__(self, name: str) -> Any:  # lengths, source, fingerprint, ...
+        if name.startswith("__") or "dataset" not in self.__dict__:  # pickling (DataLoader workers)
+            raise AttributeError(name)
         return getattr(self.__dict__["dataset"], name)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
