@@ -288,6 +288,13 @@ def test_accumulation_2x2_equals_1x4(tmp_path, pairs):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-7), key
 
 
+def test_padded_batches_give_the_padding_free_losses(tmp_path, pairs):
+    common = [*data_overrides(pairs), *FAST, "max_steps=3", "batch_size=4", "save_final_model=false"]
+    run_recipe_file(RECIPE, FULL, [f"output_dir={tmp_path / 'free'}", *common])
+    run_recipe_file(RECIPE, FULL, [f"output_dir={tmp_path / 'padded'}", "padding_free=false", *common])
+    assert losses(tmp_path / "padded") == pytest.approx(losses(tmp_path / "free"), rel=1e-5)
+
+
 def test_resume_gives_the_uninterrupted_losses(tmp_path, pairs, monkeypatch):
     common = [*data_overrides(pairs), *FAST, "max_steps=6", "batch_size=4", "save_every_n_steps=3"]
     run_recipe_file(RECIPE, LORA, [f"output_dir={tmp_path / 'straight'}", *common])
