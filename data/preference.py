@@ -265,9 +265,11 @@ def collate_pairs(items: Sequence[Mapping[str, Any]], *, pad_id: int, padding_fr
     return batch
 
 
-class PreferenceDataset(torch.utils.data.Dataset):
-    """Tokenized preference pairs from `rows` (a `datasets.Dataset` or any iterable of dicts);
-    `source` names the rows in errors and warnings."""
+class _Tokenized(torch.utils.data.Dataset):
+    """What pair and unpaired datasets share: rows read and tokenized once, eagerly (`_add` per
+    row), the dropped ones counted, the ids checked. `source` names the rows in errors."""
+
+    what = "rows"  # in messages
 
     def __init__(
         self,
@@ -283,28 +285,17 @@ class PreferenceDataset(torch.utils.data.Dataset):
         columns = _check_column_map(column_map)
         self.source = source
         self._rows = _Rows(max_seq_len=max_seq_len, tokenizer=tokenizer, source=source, chat_template=chat_template)
-        self._items: list[tuple[np.ndarray, list[int], np.ndarray, list[int]]] = []
-        for index, row in self._rows.read(rows, "pairs"):
-            try:
-                prompt, (chosen, rejected) = _prompt_and_answers(row, ("chosen", "rejected"), columns, system_prompt)
-            except DataError as e:
-                raise DataError(f"{source} row {index}: {e}") from None
-            if chosen == rejected:
-                raise DataError(f"{source} row {index}: chosen and rejected are identical, so there is "
-                                "nothing to prefer; fix or remove the row")
-            prompt_ids, chosen_ids, chosen_mask = self._rows.encode(index, prompt, chosen)
-            _, rejected_ids, rejected_mask = self._rows.encode(index, prompt, rejected)
-            fitted = self._rows.fit(prompt_ids, [(chosen_ids, chosen_mask), (rejected_ids, rejected_mask)])
-            if fitted is not None:
-                (c_tokens, c_labels), (r_tokens, r_labels) = fitted
-                self._items.append((c_tokens, c_labels, r_tokens, r_labels))
-        self._rows.nothing_left(len(self._items), "pairs")
+        self._items: list[tuple] = []
+        for index, row in self._rows.read(rows, self.what):
+            self._add(index, row, columns, system_prompt)
+        self._rows.nothing_left(len(self._items), self.what)
 
-    collate = staticmethod(collate_pairs)  # how `make_batches` batches these items
+    def _add(self, index: int, row: Mapping[str, Any], columns: Mapping[str, str], system_prompt: str | None) -> None:
+        raise NotImplementedError
 
     def dropped_warning(self) -> str | None:
-        """One line counting the pairs dropped (answer past max_seq_len, nothing to train on), or None."""
-        return self._rows.warning(len(self._items), "pairs")
+        """One line counting what was dropped (answer past max_seq_len, nothing to train on), or None."""
+        return self._rows.warning(len(self._items), self.what)
 
     @property
     def max_token_id(self) -> int:
@@ -313,13 +304,35 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def fingerprint(self) -> str:
         return self._rows.fingerprint()
 
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class PreferenceDataset(_Tokenized):
+    """Tokenized preference pairs from `rows` (a `datasets.Dataset` or any iterable of dicts)."""
+
+    what = "pairs"
+    collate = staticmethod(collate_pairs)  # how `make_batches` batches these items
+
+    def _add(self, index: int, row: Mapping[str, Any], columns: Mapping[str, str], system_prompt: str | None) -> None:
+        try:
+            prompt, (chosen, rejected) = _prompt_and_answers(row, ("chosen", "rejected"), columns, system_prompt)
+        except DataError as e:
+            raise DataError(f"{self.source} row {index}: {e}") from None
+        if chosen == rejected:
+            raise DataError(f"{self.source} row {index}: chosen and rejected are identical, so there is "
+                            "nothing to prefer; fix or remove the row")
+        prompt_ids, chosen_ids, chosen_mask = self._rows.encode(index, prompt, chosen)
+        _, rejected_ids, rejected_mask = self._rows.encode(index, prompt, rejected)
+        fitted = self._rows.fit(prompt_ids, [(chosen_ids, chosen_mask), (rejected_ids, rejected_mask)])
+        if fitted is not None:
+            (c_tokens, c_labels), (r_tokens, r_labels) = fitted
+            self._items.append((c_tokens, c_labels, r_tokens, r_labels))
+
     @property
     def lengths(self) -> list[int]:
         """Tokens of each pair (chosen + rejected), for length-grouped sampling."""
         return [len(c) + len(r) for c, _, r, _ in self._items]
-
-    def __len__(self) -> int:
-        return len(self._items)
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         chosen, chosen_labels, rejected, rejected_labels = self._items[index]
@@ -395,61 +408,36 @@ def collate_unpaired(items: Sequence[Mapping[str, Any]], *, pad_id: int, padding
     return batch
 
 
-class UnpairedPreferenceDataset(torch.utils.data.Dataset):
+class UnpairedPreferenceDataset(_Tokenized):
     """KTO's examples: a prompt, one completion and whether it is desirable (`label`). Both
     kinds must be present: KTO weighs desirable against undesirable answers."""
 
-    def __init__(
-        self,
-        rows: Iterable[Mapping[str, Any]],
-        tokenizer: Tokenizer,
-        *,
-        column_map: Mapping[str, str] | None = None,
-        max_seq_len: int | None = None,
-        system_prompt: str | None = None,
-        source: str = "dataset",
-        chat_template: bool = True,
-    ) -> None:
-        columns = _check_column_map(column_map)
-        self.source = source
-        self._rows = _Rows(max_seq_len=max_seq_len, tokenizer=tokenizer, source=source, chat_template=chat_template)
-        self._items: list[tuple[np.ndarray, list[int], bool]] = []
-        for index, row in self._rows.read(rows, "examples"):
-            try:
-                prompt, (completion,) = _prompt_and_answers(row, ("completion",), columns, system_prompt)
-                label = _label(row, columns)
-            except DataError as e:
-                raise DataError(f"{source} row {index}: {e}") from None
-            prompt_ids, ids, mask = self._rows.encode(index, prompt, completion)
-            fitted = self._rows.fit(prompt_ids, [(ids, mask)])
-            if fitted is not None:
-                self._items.append((fitted[0][0], fitted[0][1], label))
-        self._rows.nothing_left(len(self._items), "examples")
+    what = "examples"
+    collate = staticmethod(collate_unpaired)
+
+    def __init__(self, rows: Iterable[Mapping[str, Any]], tokenizer: Tokenizer, **options: Any) -> None:
+        super().__init__(rows, tokenizer, **options)
         desirable = sum(label for _, _, label in self._items)
         if desirable in (0, len(self._items)):
             kind = "desirable (label true)" if desirable else "undesirable (label false)"
-            raise DataError(f"{source}: all {len(self._items)} examples are {kind}; KTO needs both "
-                            f"desirable and undesirable completions (check the "
-                            f"'{columns.get('label', 'label')}' column)")
+            label_column = dict(options.get("column_map") or {}).get("label", "label")
+            raise DataError(f"{self.source}: all {len(self._items)} examples are {kind}; KTO needs both "
+                            f"desirable and undesirable completions (check the '{label_column}' column)")
 
-    collate = staticmethod(collate_unpaired)
-
-    def dropped_warning(self) -> str | None:
-        return self._rows.warning(len(self._items), "examples")
-
-    @property
-    def max_token_id(self) -> int:
-        return self._rows.max_token_id()
-
-    def fingerprint(self) -> str:
-        return self._rows.fingerprint()
+    def _add(self, index: int, row: Mapping[str, Any], columns: Mapping[str, str], system_prompt: str | None) -> None:
+        try:
+            prompt, (completion,) = _prompt_and_answers(row, ("completion",), columns, system_prompt)
+            label = _label(row, columns)
+        except DataError as e:
+            raise DataError(f"{self.source} row {index}: {e}") from None
+        prompt_ids, ids, mask = self._rows.encode(index, prompt, completion)
+        fitted = self._rows.fit(prompt_ids, [(ids, mask)])
+        if fitted is not None:
+            self._items.append((fitted[0][0], fitted[0][1], label))
 
     @property
     def lengths(self) -> list[int]:
         return [len(t) for t, _, _ in self._items]
-
-    def __len__(self) -> int:
-        return len(self._items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         tokens, labels, label = self._items[index]
