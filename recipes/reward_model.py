@@ -110,8 +110,8 @@ def main(cfg: Config) -> list[dict]:
                            epochs=cfg.epochs, max_steps_per_epoch=cfg.max_steps_per_epoch,
                            max_steps=cfg.max_steps)
 
-        # -------------------------------------------------------------- model: LoRA adapters and
-        # the score head, which is new and so trains whole
+        # -------------------------------------------------------------- model: LoRA adapters, and
+        # the score head trains whole (usually new; PEFT's modules_to_save)
         def adapt(model: torch.nn.Module) -> list[str]:
             adapted = add_lora(model, cfg=cfg)
             model.output.weight.requires_grad_(True)
