@@ -203,6 +203,18 @@ class Placement:
             print(f"saved the adapter (PEFT format) to {out}", flush=True)
         return out
 
+    def save_results(self, model: nn.Module, run: Any, cfg: Any, *, write_adapter: bool) -> None:
+        """A training run's exports into `run.output_dir`: the LoRA adapter (`adapter/`, PEFT
+        format) when `write_adapter` and `save_adapter`; the model in Hugging Face format when
+        `save_final_model` (null: yes for full fine-tuning, no with LoRA, whose adapter is the
+        result), as `final/`, or `merged/` with the adapters folded in."""
+        lora = getattr(cfg, "lora_rank", None) is not None
+        save_final = cfg.save_final_model if cfg.save_final_model is not None else not lora
+        if write_adapter and cfg.save_adapter:
+            self.save_adapter(model, run.output_dir / "adapter")
+        if save_final:
+            self.save_model(model, run.output_dir / ("merged" if lora else "final"), merge=lora)
+
     def save_model(self, model: nn.Module, directory: Path, *, merge: bool = False) -> Path | None:
         """`model` in Hugging Face format (config and tokenizer copied from where it came
         from); `merge` folds LoRA adapters into the weights first (on one device, in place).
