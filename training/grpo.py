@@ -37,7 +37,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 ScaleRewards = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -183,3 +183,81 @@ def policy_loss(
         if entropies is not None:
             metrics["entropy"] = entropies[keep]
     return loss, metrics
+
+
+# ---------------------------------------------------------------------- from the model
+def rollout_batch(prompts: list[list[int]], completions: list[list[int]]) -> dict:
+    """Rows prompt + completion as one padding-free batch whose targets are the completion
+    tokens (the labels are shifted: position i predicts token i + 1), on the host."""
+    from tunewright.data.collate import collate_flat
+    from tunewright.data.tokenizer.base import IGNORE_INDEX
+
+    items = [{"tokens": p + c, "labels": [IGNORE_INDEX] * (len(p) - 1) + c + [IGNORE_INDEX]}
+             for p, c in zip(prompts, completions)]
+    return collate_flat(items)
+
+
+def _chunk_logprobs_entropy(head: nn.Module, h: Tensor, t: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    logits = head(h).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = logits.logsumexp(dim=-1)
+    with torch.no_grad():  # a metric: no gradient, and nothing kept for backward
+        entropy = lse - (logits.softmax(dim=-1) * logits).sum(dim=-1)
+    return logits.gather(1, t[:, None]).squeeze(1) - lse, entropy
+
+
+def completion_logprobs(model: nn.Module, batch: dict, *, chunk_size: int = 1024,
+                        temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(log p, entropy of the tempered distribution, batch row) of every target token, [n]
+    each, in batch order: `objectives.token_logprobs`' numbers (the head applied chunk by
+    chunk, each chunk's logits recomputed in backward, never [B, T, V]) plus the entropy."""
+    from torch.utils.checkpoint import checkpoint
+
+    from tunewright.data.tokenizer.base import IGNORE_INDEX
+    from tunewright.modules.precision import compute_autocast
+    from tunewright.training.objectives import hidden_states
+
+    with compute_autocast(model, batch["tokens"].device):
+        hidden, labels, rows = hidden_states(model, batch)
+        keep = labels != IGNORE_INDEX
+        h, t, rows = hidden[keep], labels[keep], rows[keep]  # [n, dim], [n], [n]
+        logps, entropies = [], []
+        for start in range(0, t.numel(), chunk_size):
+            hc, tc = h[start:start + chunk_size], t[start:start + chunk_size]
+            if torch.is_grad_enabled() and hc.requires_grad:
+                lp, ent = checkpoint(_chunk_logprobs_entropy, model.head, hc, tc, temperature, use_reentrant=False)
+            else:
+                lp, ent = _chunk_logprobs_entropy(model.head, hc, tc, temperature)
+            logps.append(lp)
+            entropies.append(ent)
+    return torch.cat(logps), torch.cat(entropies), rows
+
+
+def padded(values: Tensor, mask: Tensor) -> Tensor:
+    """Flat per-token values [n] (rows in order, each row's tokens in order) as [N, T] where
+    `mask` [N, T] is 1 (0 elsewhere); differentiable."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask.bool(), values)
+
+
+# ---------------------------------------------------------------------- the recipe's plumbing
+def check_grpo_config(cfg: object) -> None:
+    """One line for a GRPO config whose step cannot be formed (see recipes/grpo.py)."""
+    size, g = cfg.batch_size, cfg.num_generations
+    if size % g:
+        raise ValueError(f"num_generations ({g}) does not divide batch_size ({size}): a step samples "
+                         f"batch_size / num_generations prompts, num_generations completions each; "
+                         f"set batch_size to a multiple of {g}")
+    pieces = cfg.num_minibatches * cfg.gradient_accumulation_steps
+    if pieces > size:
+        raise ValueError(f"num_minibatches x gradient_accumulation_steps ({cfg.num_minibatches} x "
+                         f"{cfg.gradient_accumulation_steps}) is more than the batch_size ({size}) completions "
+                         "of a step: some micro-batches would be empty")
+
+
+def micro_batches(num_rows: int, *, num_minibatches: int, accumulation: int) -> list[list[slice]]:
+    """The rows of a rollout as `num_minibatches` minibatches (one optimizer step each) of
+    `accumulation` micro-batches, as slices of near-equal size."""
+    bounds = torch.linspace(0, num_rows, num_minibatches * accumulation + 1).round().long().tolist()
+    slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [slices[i * accumulation:(i + 1) * accumulation] for i in range(num_minibatches)]

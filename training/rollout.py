@@ -43,6 +43,20 @@ class Rollouts:
         return len(self.completions)
 
 
+class SamplingGenerator:
+    """The generator rollouts draw from, as a `TrainState` entry: its state goes into each
+    checkpoint, so a resumed run samples what the uninterrupted one would have."""
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
 @torch.no_grad()
 def rollout(
     model: nn.Module,

@@ -39,6 +39,7 @@ ALIASES = {
     "full_finetune_single_device": "sft", "lora_finetune_single_device": "sft",
     "full_finetune_distributed": "sft", "lora_finetune_distributed": "sft",
     "lora_dpo_single_device": "dpo", "lora_dpo_distributed": "dpo", "full_dpo_distributed": "dpo",
+    "grpo_full_finetune_distributed": "grpo",  # torchtune's dev/ GRPO recipe
 }
 
 
