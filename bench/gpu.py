@@ -61,7 +61,7 @@ def _importable() -> None:
 
 _importable()
 
-from tunewright.data.collate import collate_padded  # noqa: E402
+from tunewright.data.collate import collate_flat, collate_padded  # noqa: E402
 from tunewright.models.args import ModelArgs  # noqa: E402
 from tunewright.models.pretrained import build_model  # noqa: E402
 from tunewright.training.objectives import causal_lm_loss  # noqa: E402
@@ -198,8 +198,9 @@ def lora_tiny(ctx: Ctx) -> dict[str, Any]:
     packed = [collate_padded([packed_rows[j % len(packed_rows)] for j in range(i * 4, i * 4 + 4)], pad_id=0)
               for i in range(steps)]
     out: dict[str, Any] = {}
+    flat = [collate_flat(r) for r in rows]  # what the recipes feed: flattened on the host
     for name, batches, padding_free in (("padded", padded, False), ("padding_free", padded, True),
-                                         ("packed", packed, True)):
+                                         ("host_flat", flat, True), ("packed", packed, True)):
         model = random_model(args, ctx)
         torch.manual_seed(1)
         apply_lora(model, targets="all-linear", rank=8, alpha=16)
@@ -207,6 +208,7 @@ def lora_tiny(ctx: Ctx) -> dict[str, Any]:
         out[name] = {"first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
                      "tokens_per_s": round(tok_s)}
     out["ok"] = (abs(out["padded"]["first_loss"] - out["padding_free"]["first_loss"]) < 0.02
+                 and out["host_flat"]["first_loss"] == out["padding_free"]["first_loss"]
                  and all(v["last_loss"] < v["first_loss"] for k, v in out.items() if isinstance(v, dict)))
     return out
 
@@ -305,7 +307,7 @@ def compile(ctx: Ctx) -> dict[str, Any]:  # noqa: A001 - the check's name
     compile_blocks(model)
     steps = []
     for seed, lens in enumerate(([9, 17, 5], [12, 7, 20, 3], [30, 2], [8, 8, 8, 8, 8])):
-        batch = collate_padded(random_items(len(lens), (min(lens), max(lens)), 512, seed), pad_id=0)
+        batch = collate_flat(random_items(len(lens), (min(lens), max(lens)), 512, seed))
         t0 = time.perf_counter()
         loss, n = causal_lm_loss(model, to(batch, ctx.device))
         (loss / n).backward()
@@ -474,7 +476,7 @@ def throughput(ctx: Ctx) -> dict[str, Any]:
             if compiled:
                 compile_blocks(model)
             items = random_items(rows_per_step, (seq, seq), args.vocab_size)
-            batches = [collate_padded(items[i:i + micro], pad_id=0) for i in range(0, rows_per_step, micro)]
+            batches = [collate_flat(items[i:i + micro]) for i in range(0, rows_per_step, micro)]
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-5)
             ctx.reset_peak()
