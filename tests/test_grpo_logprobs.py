@@ -1,0 +1,71 @@
+"""Log-probs and entropies of GRPO's training step (training/grpo.py completion_logprobs): the
+numbers of `objectives.token_logprobs` and of the full [B, T, V] logits, gradients included,
+while only one chunk of logits exists at a time."""
+
+from __future__ import annotations
+
+import torch
+
+from tunewright.models import ModelArgs, build_model
+from tunewright.models.builder import init_weights
+from tunewright.training.grpo import completion_logprobs, completion_mask, padded, rollout_batch
+from tunewright.training.objectives import token_logprobs
+
+ARGS = ModelArgs(family="llama", vocab_size=301, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 intermediate_dim=128)
+PROMPTS = [[1, 5, 7, 9], [3, 4], [8, 8, 2, 60, 7, 9, 10]]
+COMPLETIONS = [[11, 12, 13], [14, 15, 16, 17, 18, 19], [20]]
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(ARGS, device="cpu")
+    init_weights(model, seed=0, std=0.1)
+    return model
+
+
+def _full_logits_reference(model, temperature):
+    """Every row alone, its whole [T, V] logits: log p and entropy of the completion tokens."""
+    logps, entropies = [], []
+    for p, c in zip(PROMPTS, COMPLETIONS):
+        logits = model(torch.tensor([p + c]))[0, len(p) - 1:-1].float() / temperature  # [len(c), V]
+        logp = logits.log_softmax(-1)
+        logps.append(logp.gather(1, torch.tensor(c)[:, None]).squeeze(1))
+        entropies.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(logps), torch.cat(entropies)
+
+
+def test_logprobs_and_entropies_equal_the_full_logits_and_token_logprobs():
+    model = _model()
+    batch = rollout_batch(PROMPTS, COMPLETIONS)
+    for temperature in (1.0, 0.7):
+        logp, entropy, rows = completion_logprobs(model, batch, chunk_size=4, temperature=temperature)
+        want_logp, want_entropy = _full_logits_reference(model, temperature)
+        torch.testing.assert_close(logp, want_logp, rtol=0, atol=1e-5)
+        torch.testing.assert_close(entropy, want_entropy.detach(), rtol=0, atol=1e-5)
+        same, same_rows = token_logprobs(model, batch, chunk_size=4, temperature=temperature)
+        assert torch.equal(logp, same) and torch.equal(rows, same_rows)
+        assert rows.tolist() == [i for i, c in enumerate(COMPLETIONS) for _ in c]
+
+
+def test_gradients_equal_the_full_logits_ones():
+    weights = torch.randn(sum(map(len, COMPLETIONS)), generator=torch.Generator().manual_seed(1))
+    model = _model()
+    logp, _, _ = completion_logprobs(model, rollout_batch(PROMPTS, COMPLETIONS), chunk_size=3)
+    (logp * weights).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    want_logp, _ = _full_logits_reference(model, 1.0)
+    (want_logp * weights).sum().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(got[name], param.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_padded_places_each_rows_tokens():
+    lengths = torch.tensor([len(c) for c in COMPLETIONS])
+    mask = completion_mask(lengths)
+    values = torch.arange(1.0, 11.0, requires_grad=True)
+    out = padded(values, mask)
+    assert out.tolist() == [[1, 2, 3, 0, 0, 0], [4, 5, 6, 7, 8, 9], [10, 0, 0, 0, 0, 0]]
+    out.sum().backward()
+    assert values.grad.tolist() == [1.0] * 10
