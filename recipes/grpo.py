@@ -209,11 +209,7 @@ def main(cfg: Config) -> list[dict]:
                 run.save(state, export=export)
 
         # -------------------------------------------------------------- export
-        save_final = cfg.save_final_model if cfg.save_final_model is not None else not lora
-        if write_adapter and cfg.save_adapter:
-            place.save_adapter(model, run.output_dir / "adapter")
-        if save_final:
-            place.save_model(model, run.output_dir / ("merged" if lora else "final"), merge=lora)
+        place.save_results(model, run, cfg, write_adapter=write_adapter)
         run.close()
         return run.history
 

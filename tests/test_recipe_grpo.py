@@ -73,8 +73,9 @@ def test_kill_and_resume_gives_the_uninterrupted_rewards_and_losses(tmp_path: Pa
 def test_the_tiny_run_learns_its_format_reward(tmp_path: Path) -> None:
     """What is shown: the tiny random model cannot solve the tasks (exact match stays 0), but
     the rewarded behaviour (a reply starting with a letter or digit) rises from ~0.25 (chance)."""
-    history = run_recipe_file(RECIPE, TINY, [f"output_dir={tmp_path}", "progress_bar=false",
-                                             "save_every_n_steps=null", "eval_every_n_steps=null"])
+    history = run_recipe_file(RECIPE, TINY, [f"output_dir={tmp_path}", "progress_bar=false", "num_threads=1",
+                                             "save_every_n_steps=null", "eval_every_n_steps=null",
+                                             "ppo_epochs=1", "num_minibatches=1", "max_new_tokens=4"])
     steps = [r for r in history if "loss" in r]
     mean = lambda rows: sum(r["rewards/format/mean"] for r in rows) / len(rows)  # noqa: E731
     assert mean(steps[-5:]) > mean(steps[:5]) + 0.2
