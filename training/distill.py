@@ -14,14 +14,20 @@ With p_T, p_S the teacher's and student's softmax(logits / temperature) over the
 Every one is 0 when the student is the teacher. torchtune's "forward KL" was the cross-entropy
 -Σ p_T log p_S, which is KL(p_T || p_S) + H(p_T): the teacher's entropy where the student
 equals the teacher, and the same gradient. Like TRL, no T² factor is applied for a temperature.
+
+A recipe's step calls `distillation_loss(student, teacher, batch, kd_ratio=...)`: one forward of
+each model, the SFT cross-entropy and the divergence summed over the batch's target tokens
+(the dataset's replies, or the student's own samples in on-policy distillation).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 Kind = Literal["forward_kl", "reverse_kl", "symmetric_kl", "generalized_jsd"]
@@ -92,3 +98,129 @@ def chunked_divergence(
         else:
             total = total + _chunk(student_head, hs, teacher_logits, kind, beta, temperature)
     return total
+
+
+class DistillSums(NamedTuple):
+    loss: torch.Tensor  # (1 - kd_ratio) * ce + kd_ratio * kd: what backward runs on
+    ce: torch.Tensor  # the student's cross-entropy on the targets, summed (no gradient)
+    kd: torch.Tensor  # the divergence to the teacher, summed over the targets (no gradient)
+    num_targets: int
+
+
+def _own_precision(model: nn.Module, device: torch.device) -> AbstractContextManager[Any]:
+    """The model's own compute dtype: its autocast (mixed precision), or none at all, also
+    inside the other model's autocast (a teacher stored in fp32 next to a bf16 student)."""
+    from tunewright.modules.precision import compute_autocast
+
+    if getattr(model, "autocast_dtype", None) is not None:
+        return compute_autocast(model, device)
+    return torch.autocast(device.type, enabled=False)
+
+
+def distillation_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    batch: dict[str, Any],
+    *,
+    kd_ratio: float = 1.0,
+    kind: Kind = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    padding_free: bool = True,
+) -> DistillSums:
+    """Sums over the batch's target tokens (labels != -100) of the student's cross-entropy and
+    of `divergence(student, teacher)` at each target position, from one forward of each model;
+    the caller divides by the step's targets, as the SFT recipe does. A term weighted 0 (kd_ratio
+    0 or 1) is computed without gradient, for the log only."""
+    from tunewright.data.tokenizer.base import IGNORE_INDEX
+    from tunewright.modules.loss import chunked_cross_entropy
+    from tunewright.training.objectives import hidden_states
+
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
+    device = batch["tokens"].device
+    with torch.no_grad(), _own_precision(teacher, device):
+        teacher_hidden, _, _ = hidden_states(teacher, batch, padding_free=padding_free)
+
+    def teacher_head(h: torch.Tensor) -> torch.Tensor:
+        with _own_precision(teacher, device):
+            return teacher.head(h)
+
+    grad = torch.is_grad_enabled()
+    with _own_precision(student, device):
+        hidden, labels, _ = hidden_states(student, batch, padding_free=padding_free)
+        with torch.set_grad_enabled(grad and kd_ratio < 1):
+            ce, n = chunked_cross_entropy(hidden, labels, student.head, chunk_size=chunk_size,
+                                          head_weight=student.head_weight())
+        keep = labels != IGNORE_INDEX
+        with torch.set_grad_enabled(grad and kd_ratio > 0):
+            kd = chunked_divergence(hidden[keep], student.head, teacher_hidden[keep], teacher_head, kind=kind,
+                                    beta=beta, temperature=temperature, chunk_size=chunk_size)
+    # Only the weighted terms: kd_ratio 0 is the SFT loss bit for bit.
+    loss = (1.0 - kd_ratio) * ce if kd_ratio < 1 else kd_ratio * kd
+    if 0 < kd_ratio < 1:
+        loss = loss + kd_ratio * kd
+    return DistillSums(loss, ce.detach(), kd.detach(), n)
+
+
+def prompts_of(batch: dict[str, Any]) -> list[list[int]]:
+    """Each row's tokens before its first target, the prompt its reply answers, from a collated
+    batch (padded [b, s] or padding-free [1, T] with `row_ids`) on the host."""
+    from tunewright.data.tokenizer.base import IGNORE_INDEX
+
+    tokens, labels = batch["tokens"].reshape(-1).cpu(), batch["labels"].reshape(-1).cpu()
+    if "row_ids" in batch:
+        rows, num_rows = batch["row_ids"].reshape(-1).cpu(), int(batch["num_rows"])
+        packed = len(batch["seq_lens"]) != num_rows
+    else:
+        num_rows, width = batch["labels"].shape
+        rows, packed = torch.arange(num_rows).repeat_interleave(width), "doc_ids" in batch
+    if packed:
+        raise ValueError("dataset: on-policy distillation samples one reply per row, and packed rows hold "
+                         "several; set dataset.packed: false")
+    prompts = []
+    for row in range(num_rows):
+        at = (rows == row).nonzero().squeeze(1)
+        targets = (labels[at] != IGNORE_INDEX).nonzero()
+        if targets.numel() == 0:
+            raise ValueError(f"row {row} of a batch has no target token: no prompt/reply boundary to sample from")
+        prompts.append(tokens[at[: int(targets[0]) + 1]].tolist())  # label i is token i + 1: keep token i
+    return prompts
+
+
+def check_same_vocabulary(student_model: dict[str, Any], teacher_model: dict[str, Any]) -> None:
+    """ValueError, before any weight loads, when the teacher's vocabulary is not the student's:
+    another vocab_size in config.json, or a tokenizer.json mapping a token to another id. The
+    divergence compares the two models' distributions id by id, so they must mean the same."""
+    import json
+    from pathlib import Path
+
+    from tunewright.training.data_setup import model_vocab
+
+    student_dir, student_vocab = model_vocab(student_model)
+    teacher_dir, teacher_vocab = model_vocab(teacher_model)
+    if student_dir is None or teacher_dir is None:
+        return  # a model built in code: its vocabulary shows in the logits' width
+    if student_vocab != teacher_vocab:
+        raise ValueError(f"teacher_model: {teacher_dir / 'config.json'} has vocab_size {teacher_vocab}, the student's "
+                         f"{student_dir / 'config.json'} {student_vocab}: distillation compares the two models' "
+                         "next-token distributions id by id; use a teacher of the student's tokenizer")
+
+    def token_ids(directory: Path) -> dict[str, int] | None:
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            return None
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        vocab = spec.get("model", {}).get("vocab", {})
+        ids = dict(vocab) if isinstance(vocab, dict) else {piece[0]: i for i, piece in enumerate(vocab)}
+        ids.update({t["content"]: t["id"] for t in spec.get("added_tokens", [])})
+        return ids
+
+    student_ids, teacher_ids = token_ids(student_dir), token_ids(teacher_dir)
+    if student_ids is None or teacher_ids is None or student_ids == teacher_ids:
+        return
+    token = next(t for t in sorted(set(student_ids) | set(teacher_ids)) if student_ids.get(t) != teacher_ids.get(t))
+    raise ValueError(f"teacher_model: {teacher_dir / 'tokenizer.json'} maps {token!r} to id {teacher_ids.get(token)}, the "
+                     f"student's {student_dir / 'tokenizer.json'} to {student_ids.get(token)}: distillation needs one "
+                     "tokenizer for both models")

@@ -104,12 +104,14 @@ class Placement:
 
     # ------------------------------------------------------------------ models
     def load_model(self, model_cfg: dict[str, Any], *, adapt: Adapt | None = None,
-                   quantize_base: bool = False) -> nn.Module:
+                   quantize_base: bool = False, frozen_dtype: torch.dtype | None = None) -> nn.Module:
         """The config's model with its pretrained weights, transformed and placed (see the
         module docstring for the order); `adapt` puts adapters on it, `quantize_base` turns the
-        frozen base of adapted layers into NF4 (QLoRA)."""
-        model = self._load_sharded(model_cfg, adapt, quantize_base) if self.distributed else \
-            self._load_local(model_cfg, adapt, quantize_base)
+        frozen base of adapted layers into NF4 (QLoRA). `frozen_dtype`: a model that never
+        trains (a distillation teacher), stored and computed in that dtype (no master weights,
+        no autocast, gathered as stored under FSDP2), in eval mode."""
+        model = self._load_sharded(model_cfg, adapt, quantize_base, frozen_dtype) if self.distributed else \
+            self._load_local(model_cfg, adapt, quantize_base, frozen_dtype)
         self._sources[id(model)] = model_cfg.get("path")
         if dist.is_main():
             total = sum(p.numel() for p in model.parameters())
@@ -127,11 +129,14 @@ class Placement:
                 print("attention: " + ", ".join(f"{name} ({n} layers)" for name, n in kernels.items()), flush=True)
         return model
 
-    def _load_local(self, model_cfg: dict[str, Any], adapt: Adapt | None, quantize_base: bool) -> nn.Module:
+    def _load_local(self, model_cfg: dict[str, Any], adapt: Adapt | None, quantize_base: bool,
+                    frozen_dtype: torch.dtype | None = None) -> nn.Module:
         from tunewright.modules.peft.qlora import quantize_base_nf4
         from tunewright.training.instantiate import instantiate
         from tunewright.training.transforms import apply_activation_checkpointing, compile_blocks
 
+        if frozen_dtype is not None:  # nothing trains: no transform applies
+            return instantiate(model_cfg, dtype=frozen_dtype, device=self.device).requires_grad_(False).eval()
         model = instantiate(model_cfg, dtype=self.precision.load_dtype(full=adapt is None), device=self.device)
         if adapt is not None:
             adapt(model)
@@ -144,14 +149,17 @@ class Placement:
             compile_blocks(model)
         return model
 
-    def _load_sharded(self, model_cfg: dict[str, Any], adapt: Adapt | None, quantize_base: bool) -> nn.Module:
+    def _load_sharded(self, model_cfg: dict[str, Any], adapt: Adapt | None, quantize_base: bool,
+                      frozen_dtype: torch.dtype | None = None) -> nn.Module:
         from tunewright.modules.peft.qlora import quantize_base_nf4
         from tunewright.training.parallel import (build_meta_model, check_nf4_shardable, materialize,
                                                   parallelize)
         from tunewright.training.sharded_io import init_adapters, load_hf_sharded
 
-        load_dtype = self.precision.load_dtype(full=adapt is None)
+        load_dtype = frozen_dtype or self.precision.load_dtype(full=adapt is None)
         model, model_dir = build_meta_model(model_cfg, load_dtype)
+        if frozen_dtype is not None:
+            model.requires_grad_(False).eval()
         adapter_rng = torch.get_rng_state()  # the adapters' initial values are drawn from here
         adapted = adapt(model) if adapt is not None else []
         self.precision.apply(model, autocast=False)  # FSDP2's MixedPrecisionPolicy casts instead
@@ -159,7 +167,7 @@ class Placement:
         if quantize_base:
             quantize_base_nf4(model)
             check_nf4_shardable(model, self.mesh)
-        parallelize(model, self.mesh, self.cfg, mp_policy=self.precision.fsdp_policy())
+        parallelize(model, self.mesh, self.cfg, mp_policy=None if frozen_dtype else self.precision.fsdp_policy())
         materialize(model, self.device, cpu_offload=self.cfg.fsdp_cpu_offload)
         load_hf_sharded(model, model_dir, dtype=load_dtype)
         if adapted:

@@ -135,9 +135,45 @@ def make_tiny_kto(out: Path, *, num_rows: int = 256, seed: int = 0) -> None:
     (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def make_tiny_teacher(out: Path, *, steps: int = 20, seed: int = 7) -> None:
+    """`${tiny:llama_teacher}`: a wider tiny Llama (dim 192) of the same tokenizer, trained
+    `steps` SFT steps on the tiny configs' train split: a teacher that knows the tiny tasks
+    better than the random `${tiny:llama}` student, for the distillation configs."""
+    import dataclasses
+
+    import torch
+
+    from tunewright.data.collate import collate_flat
+    from tunewright.data.sft import sft_dataset
+    from tunewright.data.tokenizer import load_tokenizer
+    from tunewright.models.builder import init_weights
+    from tunewright.models.pretrained import build_model, save_pretrained
+    from tunewright.models.registry import get_family
+    from tunewright.training.objectives import causal_lm_loss
+
+    make_tiny_model(out, "llama")
+    args = dataclasses.replace(get_family("llama").tiny, dim=192, num_heads=6, intermediate_dim=384)
+    model = build_model(args, device="cpu")
+    init_weights(model, seed=seed)
+    data = sft_dataset(load_tokenizer(out), source=str(tiny_asset("sft")), split="train[:90%]")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    for step in range(steps):
+        rows = [data[order[(step * 16 + i) % len(order)]] for i in range(16)]
+        loss, n = causal_lm_loss(model, collate_flat(rows))
+        (loss / n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    save_pretrained(model, out / "teacher", dtype=torch.float32)  # its weights and config replace the random model's
+    for name in ("config.json", "model.safetensors"):
+        os.replace(out / "teacher" / name, out / name)
+    shutil.rmtree(out / "teacher")
+
+
 ASSETS: dict[str, tuple[Callable[[Path], None], str]] = {
     # name -> (maker writing into a directory, the path inside it that configs use)
     "sft": (make_tiny_sft, "train.jsonl"),
+    "llama_teacher": (make_tiny_teacher, ""),
     "pairs": (make_tiny_pairs, "train.jsonl"),
     "kto": (make_tiny_kto, "train.jsonl"),
 }

@@ -40,6 +40,8 @@ ALIASES = {
     "full_finetune_distributed": "sft", "lora_finetune_distributed": "sft",
     "lora_dpo_single_device": "dpo", "lora_dpo_distributed": "dpo", "full_dpo_distributed": "dpo",
     "grpo_full_finetune_distributed": "grpo",  # torchtune's dev/ GRPO recipe
+    "knowledge_distillation_single_device": "knowledge_distillation",
+    "knowledge_distillation_distributed": "knowledge_distillation",
 }
 
 
