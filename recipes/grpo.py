@@ -91,7 +91,7 @@ def main(cfg: Config) -> list[dict]:
         data = StepBatches(train, epochs=cfg.epochs, max_steps_per_epoch=cfg.max_steps_per_epoch,
                            max_steps=cfg.max_steps)
         rewards = instantiate(cfg.rewards)
-        sampling = SamplingGenerator(cfg.seed + dist.rank(), device)  # each rank its own samples
+        sampling = SamplingGenerator(cfg.seed + dist.data_rank(), device)  # each data rank its own samples
 
         # -------------------------------------------------------------- policy and reference
         lora = cfg.lora_rank is not None

@@ -151,9 +151,9 @@ def _decode(
             break
         # One read back per step (the batch's shape depends on it), as any stop check needs.
         num_done = int(finished.sum())
-        if num_done == len(active):
+        if _done_everywhere(num_done == len(active), device):
             break
-        if num_done * 4 >= len(active):  # a quarter finished: drop those rows and their caches
+        if len(active) > num_done and num_done * 4 >= len(active):  # a quarter finished: drop those rows
             keep = (~finished).nonzero().squeeze(1)
             model.select_cache_rows(keep)
             active, next_ids, finished = active[keep], next_ids[keep], finished[keep]
@@ -165,3 +165,14 @@ def _decode(
                        key_mask=key_mask, hidden_only=True)
         logits = model.head(hidden[:, -1]).float()
     return ids, logp, lengths, stopped
+
+
+def _done_everywhere(done: bool, device: torch.device) -> bool:
+    """Whether every data-parallel rank's rows have finished: under FSDP each decode step's
+    forward gathers weights from all ranks, so a rank whose rows are done keeps stepping (its
+    finished rows idle) until all are."""
+    from tunewright.training import distributed as dist
+
+    if not dist.is_distributed():
+        return done
+    return dist.all_reduce_sum(torch.tensor(0.0 if done else 1.0, device=device)).item() == 0
