@@ -49,10 +49,9 @@ def main(cfg: Config) -> list[dict]:
     from tunewright.models.pretrained import as_dtype
     from tunewright.training.batching import StepBatches, global_sum, target_count, to_device, token_counts
     from tunewright.training.data_setup import build_data
-    from tunewright.training.distill import check_same_vocabulary, distillation_loss
+    from tunewright.training.distill import check_same_vocabulary, distillation_loss, evaluate_distillation
     from tunewright.training.instantiate import instantiate
     from tunewright.training.lora_setup import add_lora, peft_adapter_ok
-    from tunewright.training.objectives import causal_lm_loss, evaluate_loss
     from tunewright.training.optim import build_optimizer, optimizer_step
     from tunewright.training.placement import Placement
     from tunewright.training.run import Run
@@ -81,8 +80,6 @@ def main(cfg: Config) -> list[dict]:
         teacher = place.load_model(cfg.teacher_model, frozen_dtype=as_dtype(cfg.teacher_dtype or cfg.dtype))
         loss_fn = partial(distillation_loss, model, teacher, kd_ratio=cfg.kd_ratio, kind=cfg.kd_loss, beta=cfg.beta,
                           temperature=cfg.temperature, chunk_size=cfg.loss_chunk_size, padding_free=cfg.padding_free)
-        ce_term = partial(causal_lm_loss, chunk_size=cfg.loss_chunk_size, padding_free=cfg.padding_free)
-        kd_term = lambda _, batch: loss_fn(batch)[2:]  # noqa: E731  (divergence sum, targets): held out
 
         # -------------------------------------------------------------- optimizer, schedule, state
         optimizer = build_optimizer(cfg.optimizer, model)
@@ -111,8 +108,7 @@ def main(cfg: Config) -> list[dict]:
                 run.log(loss=loss, ce_loss=ce, kd_loss=kd, lr=lr, grad_norm=grad_norm, epoch=data.epoch,
                         num_targets=num_targets.long(), **token_counts(micro_batches, padding_free=cfg.padding_free))
             if val is not None and run.due(cfg.eval_every_n_steps, final=True):
-                held_out = partial(evaluate_loss, model, val, device=device, max_batches=cfg.max_eval_batches)
-                run.log(val_loss=held_out(ce_term).loss, val_kd_loss=held_out(kd_term).loss)  # per target token
+                run.log(**evaluate_distillation(model, val, loss_fn, device=device, max_batches=cfg.max_eval_batches))
             if run.due(cfg.save_every_n_steps):
                 run.save(state, export=export)
 

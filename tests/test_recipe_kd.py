@@ -91,13 +91,14 @@ def test_student_equal_to_teacher_gives_zero_kd_loss(tmp_path: Path) -> None:
 
 
 def test_kd_ratio_zero_gives_the_sft_recipe_losses(tmp_path: Path) -> None:
-    common = ["max_steps=3", *FAST]
+    common = [*FAST, "max_steps=3", "eval_every_n_steps=3", "max_eval_batches=2"]
     sft = run_recipe_file(REPO / "recipes" / "sft.py", REPO / "configs" / "llama" / "tiny_full.yaml",
                           [f"output_dir={tmp_path / 'sft'}", *common])
     kd = run_recipe_file(RECIPE, KD, [f"output_dir={tmp_path / 'kd'}", "kd_ratio=0.0", *common])
     assert [r["loss"] for r in kd] == [r["loss"] for r in sft]  # bit for bit
     assert [r["grad_norm"] for r in kd] == [r["grad_norm"] for r in sft]
-    assert all(r["kd_loss"] > 0 for r in kd)  # still measured
+    assert kd[-1]["val_loss"] == sft[-1]["val_loss"]  # held out too
+    assert all(r["kd_loss"] > 0 for r in kd) and kd[-1]["val_kd_loss"] > 0  # still measured
 
 
 def test_gradient_accumulation_2x2_equals_1x4(tmp_path: Path) -> None:
@@ -195,4 +196,104 @@ def test_reverse_kl_to_the_teacher_falls_on_held_out_data(tmp_path: Path) -> Non
         return evaluate_loss(student, val, lambda m, b: term(m, batch=b)[2:], device="cpu").loss.item()
 
     before, after = held_out(load_pretrained(tiny_asset("llama"))), held_out(load_pretrained(tmp_path / "final"))
-    assert after < 0.5 * before, (before, after)  # held-out reverse KL more than halved
+    print(f"held-out reverse KL to the teacher: {before:.4f} -> {after:.4f} in 30 steps")
+    assert after < 0.5 * before, (before, after)  # more than halved
+
+
+# ---------------------------------------------------------------- on-policy distillation
+def test_prompts_are_each_rows_tokens_before_its_first_target() -> None:
+    from tunewright.training.distill import prompts_of
+
+    _, _, flat, padded = _models_and_batch()
+    prompts = prompts_of(flat)
+    assert prompts == prompts_of(padded)
+    for row, prompt in enumerate(prompts):
+        tokens, labels = padded["tokens"][row], padded["labels"][row]
+        assert tokens[:len(prompt)].tolist() == prompt
+        # label i is token i + 1: the last prompt token predicts the first reply token, and nothing earlier counts
+        assert (labels[:len(prompt) - 1] == -100).all() and labels[len(prompt) - 1] == tokens[len(prompt)]
+
+
+def test_teacher_scores_the_sampled_tokens_as_its_own_forward_does() -> None:
+    from tunewright.training.distill import prompts_of
+    from tunewright.training.grpo import rollout_batch
+    from tunewright.training.objectives import token_logprobs
+    from tunewright.training.rollout import rollout
+
+    student, teacher, flat, _ = _models_and_batch()
+    out = rollout(student, prompts_of(flat), max_new_tokens=6, temperature=0.8,
+                  generator=torch.Generator().manual_seed(0), vocab_size=259)
+    batch = rollout_batch(out.prompts, out.completions)
+    with torch.no_grad():
+        teacher_logp, rows = token_logprobs(teacher, batch)
+        student_logp, _ = token_logprobs(student, batch, temperature=0.8)
+    want = []
+    for prompt, completion in zip(out.prompts, out.completions):  # each row alone, whole logits
+        tokens = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher(tokens)[0, len(prompt) - 1:-1], dim=-1)
+        want.append(logp.gather(1, torch.tensor(completion)[:, None]).squeeze(1))
+    torch.testing.assert_close(teacher_logp, torch.cat(want), rtol=0, atol=1e-5)
+    assert rows.tolist() == [i for i, c in enumerate(out.completions) for _ in c]
+    # the student's log-probs of its samples are those it sampled with: importance ratio 1
+    assert (student_logp - torch.cat(out.logprobs)).abs().max() < 1e-5
+
+
+def test_on_policy_loss_is_the_divergence_over_the_students_samples(tmp_path: Path, monkeypatch) -> None:
+    from tunewright.models import load_pretrained
+    from tunewright.training import rollout as engine
+    from tunewright.training.tiny_assets import tiny_asset
+
+    sampled = []
+    real = engine.rollout
+
+    def recording(*args, **kwargs):
+        sampled.append(real(*args, **kwargs))
+        return sampled[-1]
+
+    monkeypatch.setattr(engine, "rollout", recording)
+    history = run_recipe_file(ON_POLICY, OPD, [f"output_dir={tmp_path}", "max_steps=1", "temperature=0.9", *FAST])
+    (out,) = sampled
+    student, teacher = load_pretrained(tiny_asset("llama")), load_pretrained(tiny_asset("llama_teacher"))
+    total, count = 0.0, 0
+    for prompt, completion in zip(out.prompts, out.completions):
+        tokens = torch.tensor([prompt + completion])
+        at = slice(len(prompt) - 1, len(prompt) + len(completion) - 1)  # the positions predicting the reply
+        with torch.no_grad():
+            total += divergence(student(tokens)[0, at], teacher(tokens)[0, at], kind="reverse_kl",
+                                temperature=0.9).sum().item()
+        count += len(completion)
+    assert history[0]["on_policy"] == 1 and history[0]["num_targets"] == count
+    assert history[0]["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert history[0]["reply_length"] == pytest.approx(count / len(out.completions))
+
+
+def test_lmbda_zero_is_supervised_distillation(tmp_path: Path) -> None:
+    # no step samples: the dataset's replies, the divergence alone (knowledge_distillation at kd_ratio 1)
+    common = ["max_steps=3", "kd_loss=reverse_kl", *FAST]
+    off = run_recipe_file(ON_POLICY, OPD, [f"output_dir={tmp_path / 'opd'}", "lmbda=0.0", *common])
+    kd = run_recipe_file(RECIPE, KD, [f"output_dir={tmp_path / 'kd'}", "kd_ratio=1.0", *common])
+    assert [r["loss"] for r in off] == [r["loss"] for r in kd]
+    assert [r["on_policy"] for r in off] == [0, 0, 0]
+
+
+def test_on_policy_kill_and_resume_samples_what_the_uninterrupted_run_did(tmp_path: Path, monkeypatch) -> None:
+    common = [*FAST, "max_steps=4", "save_every_n_steps=2", "lmbda=0.5"]
+    straight = tmp_path / "straight"
+    run_recipe_file(ON_POLICY, OPD, [f"output_dir={straight}", *common])
+    resumed = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        crash_at_step(patch, 4)
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe_file(ON_POLICY, OPD, [f"output_dir={resumed}", *common])
+    run_recipe_file(ON_POLICY, OPD, [f"output_dir={resumed}", *common, "resume_from_checkpoint=auto"])
+    for key in ("loss", "on_policy", "reply_length"):
+        assert metrics(resumed, key) == metrics(straight, key)
+    assert set(metrics(straight, "on_policy").values()) == {0, 1}  # lmbda 0.5 drew both kinds of step
+
+
+def test_on_policy_fsdp2_in_one_process_equals_one_device(tmp_path: Path) -> None:
+    common = [*FAST, "max_steps=2"]
+    one = run_recipe_file(ON_POLICY, OPD, [f"output_dir={tmp_path / 'one'}", *common])
+    fsdp = run_recipe_file(ON_POLICY, OPD, [f"output_dir={tmp_path / 'fsdp'}", "distributed=true", *common])
+    assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in one], rel=1e-5)

@@ -224,3 +224,20 @@ def check_same_vocabulary(student_model: dict[str, Any], teacher_model: dict[str
     raise ValueError(f"teacher_model: {teacher_dir / 'tokenizer.json'} maps {token!r} to id {teacher_ids.get(token)}, the "
                      f"student's {student_dir / 'tokenizer.json'} to {student_ids.get(token)}: distillation needs one "
                      "tokenizer for both models")
+
+
+def evaluate_distillation(student: nn.Module, batches: Any, loss_fn: Callable[[dict[str, Any]], DistillSums], *,
+                          device: torch.device | str, max_batches: int | None = None) -> dict[str, torch.Tensor]:
+    """The student's held-out cross-entropy (`val_loss`) and divergence to the teacher
+    (`val_kd_loss`), each per target token of `batches`; `loss_fn(batch)` is the recipe's
+    `distillation_loss` with its options (one pass per value)."""
+    from tunewright.training.objectives import evaluate_loss
+
+    def term(index: int) -> Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, int]]:
+        def value(_: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+            sums = loss_fn(batch)
+            return sums[index], sums.num_targets
+        return value
+
+    return {name: evaluate_loss(student, batches, term(index), device=device, max_batches=max_batches).loss
+            for name, index in (("val_loss", 1), ("val_kd_loss", 2))}
