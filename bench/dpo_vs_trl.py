@@ -49,7 +49,8 @@ def run_ours(args: argparse.Namespace, out: Path) -> dict:
 
     overrides = [f"model.path={args.model}", f"dataset.source={args.pairs}", "dataset.split=train",
                  "~val_dataset", f"output_dir={out}", "overwrite_output_dir=true", f"batch_size={args.batch_size}",
-                 f"max_steps={args.steps}", "~lr_scheduler", "optimizer.lr=5e-5", "shuffle=false",
+                 f"max_steps={args.steps}", "gradient_accumulation_steps=1", "~lr_scheduler", "optimizer.lr=5e-5",
+                 "shuffle=false",
                  "num_threads=2", f"device={args.device}", "dtype=fp32", "progress_bar=false",
                  "enable_activation_checkpointing=false", "eval_every_n_steps=null", "save_every_n_steps=null",
                  "save_adapter=false", "dataset.max_seq_len=512", "lora_rank=8", "lora_alpha=16",

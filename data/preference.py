@@ -184,7 +184,8 @@ class _Rows:
         except (DataError, ChatTemplateError) as e:
             raise DataError(f"{self.source} row {index}: {e}") from None
 
-    def fit(self, prompt: list[int], answers: list[tuple[list[int], list[bool]]]) -> list[tuple[np.ndarray, list[int]]] | None:
+    def fit(self, prompt: list[int], answers: list[tuple[list[int], list[bool]]]
+            ) -> list[tuple[np.ndarray, list[int]]] | None:
         """Each answer after the same (end of the) prompt, as (tokens, labels); None (counted)
         when an answer has no target token or does not fit `limit` with a prompt token."""
         if not all(any(trained) for _, trained in answers):

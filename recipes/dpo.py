@@ -81,8 +81,8 @@ def main(cfg: Config) -> list[dict]:
     from tunewright.training.objectives import sequence_logprobs
     from tunewright.training.optim import build_optimizer, optimizer_step
     from tunewright.training.placement import Placement
-    from tunewright.training.preference import (LOGGED, MetricSums, check_preference_config, check_preference_data,
-                                                evaluate_preference, kto_kl, pair_count)
+    from tunewright.training.preference import (LOGGED, REFERENCE_FREE, MetricSums, check_preference_config,
+                                                check_preference_data, evaluate_preference, kto_kl, pair_count)
     from tunewright.training.reference import Reference, cache_key, precompute, with_reference
     from tunewright.training.run import Run
     from tunewright.training.setup import seed_everything
@@ -109,8 +109,8 @@ def main(cfg: Config) -> list[dict]:
         write_adapter = lora and peft_adapter_ok(model, cfg)
         logp_options = dict(chunk_size=cfg.loss_chunk_size, padding_free=cfg.padding_free)
         reference = None
-        if cfg.loss in ("simpo", "orpo"):
-            pass  # reference-free
+        if cfg.loss in REFERENCE_FREE:
+            pass  # simpo, orpo
         elif cfg.precompute_ref_logps:  # before resume: the policy still is the reference now
             live = Reference.adapters_off(model, **logp_options) if lora else Reference.of(model, **logp_options)
             for split, batches in (("train", train), ("val", val)):
@@ -160,8 +160,9 @@ def main(cfg: Config) -> list[dict]:
                                            lr_scheduler=scheduler, loss=loss_sum, run=run)
 
             if run.due(cfg.log_every_n_steps, first=True, final=True):
-                run.log(loss=global_sum(loss_sum) / num_pairs, **metrics.means(LOGGED), **({"kl": kl} if kl is not None else {}),
-                        lr=lr, grad_norm=grad_norm, epoch=data.epoch, num_pairs=num_pairs.long(),
+                kto_logged = {"kl": kl} if kl is not None else {}
+                run.log(loss=global_sum(loss_sum) / num_pairs, **metrics.means(LOGGED), **kto_logged, lr=lr,
+                        grad_norm=grad_norm, epoch=data.epoch, num_pairs=num_pairs.long(),
                         **token_counts(micro_batches, padding_free=cfg.padding_free))
             if val is not None and run.due(cfg.eval_every_n_steps, final=True):
                 held_out = evaluate_preference(objective, val, device=device, max_batches=cfg.max_eval_batches,

@@ -62,8 +62,8 @@ def test_every_form_and_column_map_give_the_same_pair(tokenizer) -> None:
     want = PreferenceDataset([CONVERSATIONAL], tokenizer)[0]
     torchtune = {"chosen": PROMPT + CONVERSATIONAL["chosen"], "rejected": PROMPT + CONVERSATIONAL["rejected"]}
     assert PreferenceDataset([torchtune], tokenizer)[0] == want
-    renamed = {"question": [{"speaker": m["role"], "text": m["content"]} for m in PROMPT], "good": [{"speaker": "assistant", "text": CHOSEN}],
-               "bad": [{"speaker": "assistant", "text": REJECTED}]}
+    renamed = {"question": [{"speaker": m["role"], "text": m["content"]} for m in PROMPT],
+               "good": [{"speaker": "assistant", "text": CHOSEN}], "bad": [{"speaker": "assistant", "text": REJECTED}]}
     columns = {"prompt": "question", "chosen": "good", "rejected": "bad", "role": "speaker", "content": "text"}
     assert PreferenceDataset([renamed], tokenizer, column_map=columns)[0] == want
     standard = {"prompt": "Add 2 and 3.", "chosen": CHOSEN, "rejected": REJECTED}
