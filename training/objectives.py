@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tunewright.data.tokenizer.base import IGNORE_INDEX
+from tunewright.modules.precision import compute_autocast
 from tunewright.training.batching import Batch, Batches, global_sum, to_device
 
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
@@ -57,8 +58,10 @@ def causal_lm_loss(
     loss are fused where the head is a plain linear map (`modules/loss.py`)."""
     from tunewright.modules.loss import chunked_cross_entropy
 
-    hidden, labels, _ = hidden_states(model, batch, padding_free=padding_free)
-    return chunked_cross_entropy(hidden, labels, model.head, chunk_size=chunk_size, head_weight=model.head_weight())
+    with compute_autocast(model, batch["tokens"].device):  # the head too computes in bf16 under mixed precision
+        hidden, labels, _ = hidden_states(model, batch, padding_free=padding_free)
+        return chunked_cross_entropy(hidden, labels, model.head, chunk_size=chunk_size,
+                                     head_weight=model.head_weight())
 
 
 def _chunk_logprobs(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, t: torch.Tensor,
@@ -80,6 +83,12 @@ def token_logprobs(
     """log p(target) of every target token in batch order ([n] float32, differentiable) and the
     batch row of each ([n] int64). With gradients on, each chunk's logits are recomputed in
     backward rather than kept, so memory stays at one chunk of logits."""
+    with compute_autocast(model, batch["tokens"].device):
+        return _token_logprobs(model, batch, chunk_size, padding_free, temperature)
+
+
+def _token_logprobs(model: nn.Module, batch: Batch, chunk_size: int, padding_free: bool,
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     hidden, labels, rows = hidden_states(model, batch, padding_free=padding_free)
     keep = labels != IGNORE_INDEX
     h, t, rows = hidden[keep], labels[keep], rows[keep]  # [n, dim], [n], [n]
