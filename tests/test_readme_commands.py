@@ -190,7 +190,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "tune run grpo --config llama/tiny_grpo loss_type=grpo importance_sampling_level=sequence beta=0.04": short_run(),
     # README: distillation
     "tune run knowledge_distillation --config llama/tiny_kd": short_run(),
-    "tune run on_policy_distillation --config llama/tiny_on_policy_distill": short_run(),
+    "tune run knowledge_distillation --config llama/tiny_on_policy_distill": short_run(),
     # README: several processes and nodes
     "tune run --nproc_per_node 8 sft --config llama3_1/8B_full_distributed": cluster(),
     "tune run --nproc_per_node 8 sft --config llama3_1/70B_lora_distributed tensor_parallel_dim=2": cluster(),
