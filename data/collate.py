@@ -80,8 +80,10 @@ def collate_flat(batch: Sequence[dict[str, Any]], *, pad_id: int | None = None, 
     Returns ``tokens``, ``labels``, ``input_pos`` (restarting at 0 for each sequence) and
     ``row_ids`` (each token's item in the batch), all ``[1, T]`` int64; ``seq_lens``, the
     length of each sequence (a row, or a document of a packed row; never 0), as python ints;
-    and python ints ``num_rows``, ``num_tokens`` (= T) and ``num_targets``. `pad_id` (and any
-    option of `collate_padded`) is accepted and unused: nothing is padded.
+    and python ints ``num_rows``, ``num_tokens`` (= T) and ``num_targets``; ``target_index``
+    [num_targets], the positions whose label counts, so the loss gathers them without a
+    boolean mask (which on a GPU reads its count back). `pad_id` (and any option of
+    `collate_padded`) is accepted and unused: nothing is padded.
     """
     extra = _packed_keys(batch)
     keys = ("tokens", "labels", *(["doc_ids"] if "doc_ids" in extra else []))
@@ -102,8 +104,9 @@ def collate_flat(batch: Sequence[dict[str, Any]], *, pad_id: int | None = None, 
     out: dict[str, Any] = {key: t[None] for key, t in flat.items()}  # [1, T]
     out["input_pos"] = positions(seq_lens)[None]
     out["row_ids"] = row_ids[None]
+    targets = (flat["labels"] != IGNORE_INDEX).nonzero().squeeze(1)
     out.update(seq_lens=seq_lens, num_rows=len(batch), num_tokens=sum(seq_lens),
-               num_targets=int((flat["labels"] != IGNORE_INDEX).sum()))
+               num_targets=targets.numel(), target_index=targets)
     return out
 
 

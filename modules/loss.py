@@ -64,6 +64,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None
 
 
+def select_targets(hidden: torch.Tensor, labels: torch.Tensor,
+                   target_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states [n, dim] and labels [n] of the positions that have a target: by
+    `target_index` into a [1, T] batch when given (no sync), else by mask."""
+    if target_index is not None:
+        return hidden[0].index_select(0, target_index), labels[0].index_select(0, target_index)
+    keep = labels != IGNORE_INDEX
+    return hidden[keep], labels[keep]
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -71,16 +81,17 @@ def chunked_cross_entropy(
     *,
     chunk_size: int = 1024,
     head_weight: torch.Tensor | None = None,
+    target_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """hidden [b, s, dim], labels [b, s] (already shifted; IGNORE_INDEX skipped).
 
     `head_weight`, when the head is exactly `h @ head_weight.T`, takes the fused path.
+    `target_index` (flat [1, T] batches: the positions of the targets, made on the host) picks
+    the targets by index, so their count is known without reading a mask back from a GPU.
     Returns (sum of the per-token losses, number of target tokens); the caller divides, so
     gradient accumulation can normalise by the targets of the whole optimizer step.
     """
-    keep = labels != IGNORE_INDEX
-    h = hidden[keep]  # [n_targets, dim]
-    t = labels[keep]
+    h, t = select_targets(hidden, labels, target_index)  # [n_targets, dim], [n_targets]
     n = t.numel()
     total = hidden.new_zeros((), dtype=torch.float32)
     if n == 0:

@@ -270,11 +270,13 @@ def test_a_lora_training_step_on_a_host_flat_batch_reads_nothing_back(kind, monk
         loss.backward()
         with pytest.raises(BaseException, match="flatten_batch|Tensor.nonzero"):  # the guard bites
             causal_lm_loss(model, padded)
-    # Stricter, at the level of torch ops (boolean indexing included), for the decoder: the loss
-    # itself (modules/loss.py) still selects its target rows by a boolean mask.
+    # Stricter, at the level of torch ops (boolean indexing included): the whole step, the loss
+    # picking its targets by the host-made `target_index`, and the per-row log-probs of DPO/GRPO.
     with ReadBack():
-        hidden, _, _ = hidden_states(model, flat)
-        hidden.square().sum().backward()
+        loss, _ = causal_lm_loss(model, flat)
+        loss.backward()
+        sums, _ = sequence_logprobs(model, flat)
+        sums.sum().backward()
     with pytest.raises(AssertionError, match="reads values back"), ReadBack():
         hidden_states(model, padded)  # the padded batch flattened on the device
 

@@ -50,6 +50,13 @@ def hidden_states(model: nn.Module, batch: Batch, *, padding_free: bool = True) 
     return hidden, labels, rows
 
 
+def _target_index(batch: Batch) -> torch.Tensor | None:
+    """The host-made target positions of a flat batch (`collate_flat`), None otherwise."""
+    from tunewright.training.unpad import is_flat
+
+    return batch.get("target_index") if is_flat(batch) else None
+
+
 def causal_lm_loss(
     model: nn.Module, batch: Batch, *, chunk_size: int = 1024, padding_free: bool = True
 ) -> tuple[torch.Tensor, int]:
@@ -61,7 +68,7 @@ def causal_lm_loss(
     with compute_autocast(model, batch["tokens"].device):  # the head too computes in bf16 under mixed precision
         hidden, labels, _ = hidden_states(model, batch, padding_free=padding_free)
         return chunked_cross_entropy(hidden, labels, model.head, chunk_size=chunk_size,
-                                     head_weight=model.head_weight())
+                                     head_weight=model.head_weight(), target_index=_target_index(batch))
 
 
 def _chunk_logprobs(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, t: torch.Tensor,
@@ -89,9 +96,12 @@ def token_logprobs(
 
 def _token_logprobs(model: nn.Module, batch: Batch, chunk_size: int, padding_free: bool,
                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from tunewright.modules.loss import select_targets
+
     hidden, labels, rows = hidden_states(model, batch, padding_free=padding_free)
-    keep = labels != IGNORE_INDEX
-    h, t, rows = hidden[keep], labels[keep], rows[keep]  # [n, dim], [n], [n]
+    index = _target_index(batch)
+    h, t = select_targets(hidden, labels, index)  # [n, dim], [n]
+    rows = rows[0].index_select(0, index) if index is not None else rows[labels != IGNORE_INDEX]
     chunks = []
     for start in range(0, t.numel(), chunk_size):
         hc, tc = h[start : start + chunk_size], t[start : start + chunk_size]
