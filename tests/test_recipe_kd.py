@@ -298,3 +298,14 @@ def test_on_policy_fsdp2_in_one_process_equals_one_device(tmp_path: Path) -> Non
     one = run_recipe_file(RECIPE, OPD, [f"output_dir={tmp_path / 'one'}", *common])
     fsdp = run_recipe_file(RECIPE, OPD, [f"output_dir={tmp_path / 'fsdp'}", "distributed=true", *common])
     assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_equal_one_device(tmp_path: Path) -> None:
+    from tests.test_distributed_recipes import torchrun
+
+    common = [*FAST, "max_steps=3", "kd_loss=generalized_jsd"]
+    one = run_recipe_file(RECIPE, KD, [f"output_dir={tmp_path / 'one'}", *common])
+    torchrun("knowledge_distillation", "tiny_kd", [f"output_dir={tmp_path / 'two'}", *common, "batch_size=2"])
+    for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
+        assert metrics(tmp_path / "two", key) == pytest.approx({r["step"]: r[key] for r in one}, rel=1e-5), key
