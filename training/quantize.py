@@ -1,0 +1,282 @@
+"""Quantization with torchao: the configs, quantization-aware training (QAT) and post-training
+quantization (PTQ) as transforms of a built model, and the quantized model's file format.
+
+A run's `quantization` node names a scheme:
+
+    quantization: {scheme: int8_dynamic_act_int4_weight, group_size: 32, embeddings: false}
+
+| scheme                          | torchao base config                                   | where |
+|---------------------------------|-------------------------------------------------------|-------|
+| int8_dynamic_act_int4_weight    | Int8DynamicActivationIntxWeightConfig(int4, PerGroup) | any   |
+| int4_weight_only                | IntxWeightOnlyConfig(int4, PerGroup)                  | any   |
+| int4_weight_only_cuda           | Int4WeightOnlyConfig(group_size)                      | CUDA  |
+| float8_dynamic_act_float8_weight| Float8DynamicActivationFloat8WeightConfig()           | CUDA  |
+| float8_dynamic_act_int4_weight  | Float8DynamicActivationInt4WeightConfig()             | CUDA  |
+
+Every `nn.Linear` is quantized (the output head too when it is its own layer); `embeddings:
+true` also quantizes the token embeddings, weight-only int4 per group (torchao has no activation
+quantization for an embedding lookup). A model whose head is tied to its embeddings refuses
+`embeddings: true`: the head reads the embedding's raw weight, so fake-quantized training and
+the converted model would compute different heads.
+
+QAT is torchao's `QATConfig(base, step="prepare")` (every linear becomes a FakeQuantizedLinear
+computing with quantize-then-dequantize weights, and activations for the dynamic schemes), then
+`step="convert"` (back to `nn.Linear`, then the base config quantizes it). torchao's fake
+quantizers round exactly as its quantized tensors do, so the converted model's output equals
+the fake-quantized one bit for bit on CPU (tests/test_quantize.py).
+
+LoRA: QAT refuses a model with adapters. Fake-quantizing only the frozen base (torchtune's
+choice) trains a model that is not the one deployed: the merged weight W + BA is what gets
+quantized, and its rounding differs from W's. The correct form (fake-quantize the merged
+weight every step) is not built yet; QAT trains every weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CPU_SCHEMES = ("int8_dynamic_act_int4_weight", "int4_weight_only")
+CUDA_SCHEMES = ("int4_weight_only_cuda", "float8_dynamic_act_float8_weight", "float8_dynamic_act_int4_weight")
+SCHEMES = CPU_SCHEMES + CUDA_SCHEMES
+
+QUANTIZED_FILE = "quantized.safetensors"  # torchao's tensors flattened, with their metadata
+QUANTIZATION_FILE = "quantization.json"  # the node that made it, and the dtype it computes in
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    scheme: str
+    group_size: int = 32
+    embeddings: bool = False
+
+    @classmethod
+    def from_node(cls, node: dict[str, Any] | "Quantization", *, key: str = "quantization") -> "Quantization":
+        """The config node, checked: an unknown key, scheme or a bad group size is one line."""
+        if isinstance(node, Quantization):
+            return node
+        if not isinstance(node, dict):
+            raise ValueError(f"{key}: expected a mapping like {{scheme: int4_weight_only, group_size: 32}}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for k in node:
+            if k not in names:
+                raise ValueError(f"{key}.{k}: unknown key; {key} takes {', '.join(names)}")
+        if "scheme" not in node:
+            raise ValueError(f"{key}.scheme: missing; one of {', '.join(SCHEMES)}")
+        if node["scheme"] not in SCHEMES:
+            raise ValueError(f"{key}.scheme: '{node['scheme']}' is not one of {', '.join(SCHEMES)}")
+        group_size = node.get("group_size", 32)
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"{key}.group_size: {group_size!r}; expected a positive integer such as 32")
+        if not isinstance(node.get("embeddings", False), bool):
+            raise ValueError(f"{key}.embeddings: {node['embeddings']!r}; expected true or false")
+        return cls(**node)
+
+    def check_device(self, device: torch.device | str) -> None:
+        """GPU-only schemes refused on any other device, in one line."""
+        if self.scheme in CUDA_SCHEMES and torch.device(device).type != "cuda":
+            raise ValueError(f"quantization.scheme: {self.scheme} runs on CUDA only (torchao's kernels), "
+                             f"not on {torch.device(device).type}; use {' or '.join(CPU_SCHEMES)} there")
+
+
+def base_config(q: Quantization) -> Any:
+    """torchao's PTQ config for the linear layers."""
+    import torchao.quantization as tq
+
+    if q.scheme == "int8_dynamic_act_int4_weight":
+        return tq.Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                         weight_granularity=tq.PerGroup(q.group_size))
+    if q.scheme == "int4_weight_only":
+        return tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=tq.PerGroup(q.group_size))
+    if q.scheme == "int4_weight_only_cuda":
+        return tq.Int4WeightOnlyConfig(group_size=q.group_size)
+    if q.scheme == "float8_dynamic_act_float8_weight":
+        return tq.Float8DynamicActivationFloat8WeightConfig()
+    if q.scheme == "float8_dynamic_act_int4_weight":
+        return tq.Float8DynamicActivationInt4WeightConfig()
+    raise AssertionError(q.scheme)
+
+
+def embedding_config(q: Quantization) -> Any:
+    import torchao.quantization as tq
+
+    return tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=tq.PerGroup(q.group_size))
+
+
+def _is_linear(module: nn.Module, fqn: str = "") -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def _is_embedding(module: nn.Module, fqn: str = "") -> bool:
+    return isinstance(module, nn.Embedding)
+
+
+def check_model(model: nn.Module, q: Quantization) -> None:
+    """What torchao would fail on deep inside, said in one line first: adapters, an NF4 base,
+    a tied head with `embeddings`, rows that the group size does not divide."""
+    from tunewright.modules.peft.apply import lora_modules
+    from tunewright.modules.peft.nf4 import is_nf4
+
+    if any(is_nf4(p) for p in model.parameters()):
+        raise ValueError("quantization: the model's base is NF4 (QLoRA, quantize_base: true); QAT and PTQ need "
+                         "the full-precision weights: set quantize_base: false")
+    if next(lora_modules(model), None) is not None:
+        raise ValueError("quantization: QAT and PTQ take a model without LoRA adapters (training/quantize.py "
+                         "says why): unset lora_rank, or merge the adapter first (save_final_model: true)")
+    if q.embeddings and getattr(model, "output", 0) is None:
+        raise ValueError("quantization.embeddings: this model's output head is tied to its embeddings and "
+                         "would read them unquantized; set embeddings: false")
+    if q.scheme in CUDA_SCHEMES and q.scheme != "int4_weight_only_cuda":
+        return  # float8 scales per row: any width works
+    widths = [(name, m.in_features) for name, m in model.named_modules() if _is_linear(m)]
+    if q.embeddings:
+        widths += [(name, m.embedding_dim) for name, m in model.named_modules() if _is_embedding(m)]
+    for name, width in widths:
+        if width % q.group_size:
+            raise ValueError(f"quantization.group_size: {q.group_size} does not divide {name}'s "
+                             f"{width} input features; pick a divisor of {width}")
+
+
+def prepare_qat(model: nn.Module, node: dict[str, Any] | Quantization) -> Quantization:
+    """Swap every linear (and embedding, with `embeddings`) for torchao's fake-quantized one,
+    in place; parameter names do not change, so checkpoints and exports do not care."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    q = Quantization.from_node(node)
+    check_model(model, q)
+    quantize_(model, QATConfig(base_config(q), step="prepare"), filter_fn=_is_linear)
+    if q.embeddings:
+        quantize_(model, QATConfig(embedding_config(q), step="prepare"), filter_fn=_is_embedding)
+    return q
+
+
+def set_fake_quant(model: nn.Module, enabled: bool) -> None:
+    """Turn every fake quantizer on or off: off, the prepared model computes as the plain one."""
+    from torchao.quantization.qat import FakeQuantizerBase
+
+    for m in model.modules():
+        if isinstance(m, FakeQuantizerBase):
+            m.enabled = enabled
+
+
+def convert_qat(model: nn.Module, node: dict[str, Any] | Quantization) -> None:
+    """Fake-quantized layers -> plain ones holding torchao's quantized weights, in place."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear, QATConfig
+
+    q = Quantization.from_node(node)
+    set_fake_quant(model, True)  # convert quantizes whatever the switch said
+    quantize_(model, QATConfig(base_config(q), step="convert"),
+              filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
+    if q.embeddings:
+        quantize_(model, QATConfig(embedding_config(q), step="convert"),
+                  filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedEmbedding))
+
+
+def quantize_ptq(model: nn.Module, node: dict[str, Any] | Quantization) -> Quantization:
+    """Quantize a trained model's weights in place (post-training quantization)."""
+    from torchao.quantization import quantize_
+
+    q = Quantization.from_node(node)
+    check_model(model, q)
+    quantize_(model, base_config(q), filter_fn=_is_linear)
+    if q.embeddings:
+        quantize_(model, embedding_config(q), filter_fn=_is_embedding)
+    return q
+
+
+# ---------------------------------------------------------------------- files
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights and buffers hold (a quantized tensor: its data, scales, zeros)."""
+    def size(t: torch.Tensor) -> int:
+        if type(t) in (torch.Tensor, nn.Parameter):
+            return t.numel() * t.element_size()
+        names, _ = t.__tensor_flatten__()
+        return sum(size(getattr(t, n)) for n in names)
+
+    return sum(size(t) for t in model.state_dict().values())
+
+
+def save_quantized(model: nn.Module, directory: Path, q: Quantization, *, source_dir: str | Path | None,
+                   dtype: torch.dtype) -> Path:
+    """The quantized model as a directory: torchao's tensors in a safetensors file (no pickle),
+    the quantization node, and the source's config.json and tokenizer files. Atomic."""
+    from safetensors.torch import save_file
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    from tunewright.models.registry import get_family
+    from tunewright.training.atomic import atomic_dir, follow_umask
+
+    tensors, metadata = flatten_tensor_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / QUANTIZED_FILE), metadata=metadata)
+        info = {**dataclasses.asdict(q), "dtype": str(dtype).removeprefix("torch.")}
+        (tmp / QUANTIZATION_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        if source_dir is not None:
+            for f in Path(source_dir).iterdir():
+                if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf")) \
+                        and f.name != "model.safetensors.index.json":
+                    shutil.copy2(f, tmp / f.name)
+        else:
+            family = get_family(model.args.family)
+            (tmp / "config.json").write_text(json.dumps(family.hf_config(model.args), indent=2))
+        follow_umask(tmp)
+    return directory
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    return (Path(path) / QUANTIZED_FILE).is_file()
+
+
+def load_quantized(path: str | Path, *, dtype: str | torch.dtype | None = None,
+                   device: str | torch.device | None = None) -> nn.Module:
+    """A model written by `save_quantized`, ready to run (`model: {_component_:
+    tunewright.training.quantize.load_quantized, path: ...}` in generate/evaluate configs).
+    Read with safetensors: nothing is unpickled. `dtype` must be the one it was made in."""
+    from safetensors import safe_open
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+    from tunewright.models.pretrained import as_dtype, build_model
+    from tunewright.models.registry import model_args
+
+    path = Path(path)
+    info_file = path / QUANTIZATION_FILE
+    if not is_quantized_dir(path) or not info_file.is_file():
+        raise ValueError(f"{path}: not a quantized model (no {QUANTIZED_FILE} and {QUANTIZATION_FILE}); "
+                         "tune run quantize writes one")
+    info = json.loads(info_file.read_text())
+    made_in = as_dtype({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[info.pop("dtype")])
+    if dtype is not None and as_dtype(dtype) != made_in:
+        raise ValueError(f"{path}: quantized in {made_in}, computes in it only; set dtype: "
+                         f"{ {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[made_in] }")
+    q = Quantization.from_node(info, key=str(info_file))
+    device = torch.device(device or "cpu")
+    q.check_device(device)
+    with safe_open(str(path / QUANTIZED_FILE), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state, leftover = unflatten_tensor_state_dict(tensors, metadata)
+    state.update(leftover)
+    _, args = model_args(path)
+    model = build_model(args, device=device).to(made_in)
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, assign=True, strict=True)
+    return model.requires_grad_(False).eval()
+
+
+def dequantized_(model: nn.Module) -> nn.Module:
+    """Every quantized weight replaced by its dequantized values, in place: a plain model that
+    `save_pretrained` writes (weight-only schemes compute the same; dynamic-activation ones
+    differ by the activations' rounding, which a plain model does not do)."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if type(p.data) is not torch.Tensor and hasattr(p.data, "dequantize"):
+                setattr(module, name, nn.Parameter(p.dequantize(), requires_grad=False))
+    return model
