@@ -47,6 +47,7 @@ class Config(TrainConfig, LoRAConfig, ParallelConfig):
     epsilon: Annotated[float, Range(gt=0, lt=1)] = 0.2
     epsilon_high: Annotated[float, Range(gt=0)] | None = None  # null: epsilon; DAPO's clip-higher 0.28
     beta: Annotated[float, Range(ge=0)] = 0.0  # weight of the k3 KL to the reference
+    # std of each group, of this process's batch, or none (Dr. GRPO); groups never span processes
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False
     dynamic_sampling: bool = False

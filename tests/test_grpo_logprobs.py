@@ -69,3 +69,39 @@ def test_padded_places_each_rows_tokens():
     assert out.tolist() == [[1, 2, 3, 0, 0, 0], [4, 5, 6, 7, 8, 9], [10, 0, 0, 0, 0, 0]]
     out.sum().backward()
     assert values.grad.tolist() == [1.0] * 10
+
+
+def test_memory_kept_for_backward_is_a_small_part_of_the_logits():
+    """What the head and loss keep for backward beyond the decoder's own activations: chunked,
+    under 1/8 of the [B, T, V] logits (only each chunk's hidden states); the full-logits way keeps
+    more than the logits themselves."""
+    from tunewright.training.objectives import hidden_states
+
+    vocab = 4096
+    model = build_model(ModelArgs(family="llama", vocab_size=vocab, dim=64, num_layers=2, num_heads=4,
+                                  num_kv_heads=2, intermediate_dim=128), device="cpu")
+    init_weights(model, seed=0, std=0.1)
+    g = torch.Generator().manual_seed(0)
+    batch = rollout_batch([torch.randint(0, vocab, (20,), generator=g).tolist() for _ in range(8)],
+                          [torch.randint(0, vocab, (60,), generator=g).tolist() for _ in range(8)])
+
+    def kept(fn) -> int:  # bytes of the distinct tensors autograd saves for backward
+        seen: dict = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(seen.values())
+
+    def full_logits():
+        hidden, labels, _ = hidden_states(model, batch)
+        keep = labels != -100
+        return model.head(hidden).float().log_softmax(-1)[keep].gather(1, labels[keep][:, None])
+
+    decoder = kept(lambda: hidden_states(model, batch))
+    logits_bytes = batch["tokens"].numel() * vocab * 4
+    assert kept(lambda: completion_logprobs(model, batch, chunk_size=64)) - decoder <= logits_bytes / 8
+    assert kept(full_logits) - decoder >= logits_bytes
