@@ -10,8 +10,9 @@ file runs on a laptop and on a cluster:
 
 One device (`distributed: false`, the default without torchrun): `instantiate(cfg.model)` builds
 the model with its weights on `device`, then the transforms run in the documented order:
-adapters -> NF4 base (QLoRA) -> activation checkpointing -> per-block compile. Checkpoints are
-whole tensors (`training/checkpointing.py`); exports are written directly.
+adapters -> NF4 base (QLoRA) -> `convert` (QAT's fake quantization) -> activation checkpointing ->
+per-block compile. Checkpoints are whole tensors (`training/checkpointing.py`); exports are
+written directly.
 
 Distributed (launched by torchrun, or `distributed: true` for one process): the model is built
 on the meta device, adapters and NF4 are put on it, then `parallel.parallelize` (tensor parallel
@@ -104,14 +105,16 @@ class Placement:
 
     # ------------------------------------------------------------------ models
     def load_model(self, model_cfg: dict[str, Any], *, adapt: Adapt | None = None,
-                   quantize_base: bool = False, frozen_dtype: torch.dtype | None = None) -> nn.Module:
+                   quantize_base: bool = False, frozen_dtype: torch.dtype | None = None,
+                   convert: Callable[[nn.Module], Any] | None = None) -> nn.Module:
         """The config's model with its pretrained weights, transformed and placed (see the
         module docstring for the order); `adapt` puts adapters on it, `quantize_base` turns the
         frozen base of adapted layers into NF4 (QLoRA). `frozen_dtype`: a model that never
         trains (a distillation teacher), stored and computed in that dtype (no master weights,
-        no autocast, gathered as stored under FSDP2), in eval mode."""
-        model = self._load_sharded(model_cfg, adapt, quantize_base, frozen_dtype) if self.distributed else \
-            self._load_local(model_cfg, adapt, quantize_base, frozen_dtype)
+        no autocast, gathered as stored under FSDP2), in eval mode. `convert(model)` swaps
+        modules after the adapters and NF4 (QAT's `training/quantize.py prepare_qat`)."""
+        model = self._load_sharded(model_cfg, adapt, quantize_base, frozen_dtype, convert) if self.distributed else \
+            self._load_local(model_cfg, adapt, quantize_base, frozen_dtype, convert)
         self._sources[id(model)] = model_cfg.get("path")
         if dist.is_main():
             total = sum(p.numel() for p in model.parameters())
@@ -130,7 +133,7 @@ class Placement:
         return model
 
     def _load_local(self, model_cfg: dict[str, Any], adapt: Adapt | None, quantize_base: bool,
-                    frozen_dtype: torch.dtype | None = None) -> nn.Module:
+                    frozen_dtype: torch.dtype | None = None, convert: Callable | None = None) -> nn.Module:
         from tunewright.modules.peft.qlora import quantize_base_nf4
         from tunewright.training.instantiate import instantiate
         from tunewright.training.transforms import apply_activation_checkpointing, compile_blocks
@@ -142,6 +145,8 @@ class Placement:
             adapt(model)
         if quantize_base:
             quantize_base_nf4(model)
+        if convert is not None:
+            convert(model)
         self.precision.apply(model)  # weights that train -> master_dtype; bf16 compute by autocast
         if self.cfg.enable_activation_checkpointing:
             apply_activation_checkpointing(model, every=self.cfg.activation_checkpointing_every)
@@ -150,7 +155,7 @@ class Placement:
         return model
 
     def _load_sharded(self, model_cfg: dict[str, Any], adapt: Adapt | None, quantize_base: bool,
-                      frozen_dtype: torch.dtype | None = None) -> nn.Module:
+                      frozen_dtype: torch.dtype | None = None, convert: Callable | None = None) -> nn.Module:
         from tunewright.modules.peft.qlora import quantize_base_nf4
         from tunewright.training.parallel import (build_meta_model, check_nf4_shardable, materialize,
                                                   parallelize)
@@ -167,6 +172,8 @@ class Placement:
         if quantize_base:
             quantize_base_nf4(model)
             check_nf4_shardable(model, self.mesh)
+        if convert is not None:
+            convert(model)
         parallelize(model, self.mesh, self.cfg, mp_policy=None if frozen_dtype else self.precision.fsdp_policy())
         materialize(model, self.device, cpu_offload=self.cfg.fsdp_cpu_offload)
         load_hf_sharded(model, model_dir, dtype=load_dtype)

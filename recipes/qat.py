@@ -1,0 +1,134 @@
+"""Quantization-aware training: supervised fine-tuning through torchao's fake quantization, then
+the model quantized for real.
+
+    tune run qat --config llama/tiny_qat                                  # seconds, offline
+    tune run qat --config llama3_2/1B_qat_single_device
+
+The model is prepared right after it loads (Placement's `convert` slot: after adapters and NF4,
+before activation checkpointing and compile): every linear layer (and the embeddings, with
+`quantization.embeddings`) computes with weights, and for the dynamic schemes activations,
+rounded to the target format and back (`training/quantize.py`). The loop is `sft`'s: the
+cross-entropy of the target tokens, the same batches, optimizer step, logging, held-out loss and
+checkpoints. `fake_quant_after_n_steps: N` trains the first N steps without rounding (the
+switch is set from the step number, so a resumed run sets it as the uninterrupted one did).
+At the end the fake-quantized layers are converted (torchao's `QATConfig(step="convert")`):
+
+    <output_dir>/quantized/     torchao's tensors (safetensors, no pickle) + config + tokenizer:
+                                model: {_component_: tunewright.training.quantize.load_quantized}
+    <output_dir>/dequantized/   the same numbers in Hugging Face format
+    <output_dir>/final/         with save_final_model: the trained weights before rounding
+
+Why a recipe of its own rather than a key of sft: the loop is sft's plus two lines (the switch
+and the convert-and-save), but sft's loop is its own to edit after `tune cp`, and this file is
+what `tune cp qat` gives a user who wants to change what QAT does. Full fine-tuning on one
+device: LoRA is refused (training/quantize.py says why), and so are several processes (the
+quantized export does not gather FSDP2 shards yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from tunewright.training.entry import recipe_main
+from tunewright.training.schema import Range
+from tunewright.training.train_config import LoRAConfig, TrainConfig
+
+
+@dataclass(kw_only=True)
+class Config(TrainConfig, LoRAConfig):
+    # {scheme: int8_dynamic_act_int4_weight | int4_weight_only | int4_weight_only_cuda |
+    #  float8_dynamic_act_float8_weight | float8_dynamic_act_int4_weight, group_size: 32,
+    #  embeddings: false}: training/quantize.py
+    quantization: dict[str, Any]
+    # The first N steps train without fake quantization (torchtune's key); null: from step 1.
+    fake_quant_after_n_steps: Annotated[int, Range(ge=0, hint="null: from the first step")] | None = None
+
+
+def main(cfg: Config) -> list[dict]:
+    from functools import partial
+
+    import torch
+
+    from tunewright.training.batching import StepBatches, global_sum, target_count, to_device, token_counts
+    from tunewright.training.data_setup import build_data
+    from tunewright.training.instantiate import instantiate
+    from tunewright.training.objectives import causal_lm_loss, evaluate_loss
+    from tunewright.training.offload import activation_offloading
+    from tunewright.training.optim import build_optimizer, optimizer_step
+    from tunewright.training.placement import Placement, launched_by_torchrun
+    from tunewright.training.quantize import Quantization, prepare_qat, save_quantized_outputs, set_fake_quant
+    from tunewright.training.run import Run
+    from tunewright.training.setup import seed_everything
+    from tunewright.training.state import TrainState
+
+    # ------------------------------------------------------------------ set-up
+    quantization = Quantization.from_node(cfg.quantization)
+    if launched_by_torchrun():
+        raise ValueError("qat: runs on one device for now (the quantized export does not gather FSDP2 "
+                         "shards yet); run it without torchrun")
+    seed_everything(cfg.seed)
+    with Placement(cfg) as place:
+        quantization.check_device(place.device)
+        run = Run.from_config(cfg, checkpointer=place.checkpointer())
+        device = place.device
+
+        # -------------------------------------------------------------- data
+        _, train, val = build_data(cfg)
+        data = StepBatches(train, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                           epochs=cfg.epochs, max_steps_per_epoch=cfg.max_steps_per_epoch,
+                           max_steps=cfg.max_steps)
+
+        # -------------------------------------------------------------- model, fake-quantized
+        if cfg.lora_rank is not None and cfg.quantize_base:
+            raise ValueError("quantize_base: QAT on a QLoRA NF4 base is not possible: fake quantization needs "
+                             "the full-precision weights; set quantize_base: false and unset lora_rank")
+        if cfg.lora_rank is not None:
+            raise ValueError("lora_rank: QAT trains every weight (LoRA's merged weight is what gets quantized, "
+                             "training/quantize.py); unset lora_rank")
+        model = place.load_model(cfg.model, convert=partial(prepare_qat, node=quantization))
+
+        # -------------------------------------------------------------- optimizer, schedule, state
+        optimizer = build_optimizer(cfg.optimizer, model)
+        scheduler = instantiate(cfg.lr_scheduler, optimizer=optimizer, num_training_steps=data.total_steps)
+        state = TrainState(model=model, optimizer=optimizer, lr_scheduler=scheduler, data=data)
+        run.resume(state)
+        loss_fn = partial(causal_lm_loss, chunk_size=cfg.loss_chunk_size, padding_free=cfg.padding_free)
+
+        # -------------------------------------------------------------- the loop (sft's)
+        model.train()
+        for step in run.steps(data.total_steps):
+            set_fake_quant(model, step > (cfg.fake_quant_after_n_steps or 0))
+            micro_batches = data.next()
+            num_targets = target_count(micro_batches, device=device)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for batch in micro_batches:
+                with activation_offloading(cfg.enable_activation_offloading):
+                    loss, _ = loss_fn(model, to_device(batch, device))  # summed over the targets
+                (loss / num_targets).backward()
+                loss_sum += loss.detach()
+                del loss
+            grad_norm, lr = optimizer_step(optimizer, clip_grad_norm=cfg.clip_grad_norm,
+                                           lr_scheduler=scheduler, loss=loss_sum, run=run)
+
+            if run.due(cfg.log_every_n_steps, first=True, final=True):
+                run.log(loss=global_sum(loss_sum) / num_targets, lr=lr, grad_norm=grad_norm,
+                        epoch=data.epoch, num_targets=num_targets.long(),
+                        **token_counts(micro_batches, padding_free=cfg.padding_free))
+            if val is not None and run.due(cfg.eval_every_n_steps, final=True):
+                held_out = evaluate_loss(model, val, loss_fn, device=device, max_batches=cfg.max_eval_batches)
+                run.log(val_loss=held_out.loss)
+            if run.due(cfg.save_every_n_steps):
+                run.save(state, export=None)
+
+        # -------------------------------------------------------------- convert and export
+        if cfg.save_final_model:
+            place.save_model(model, run.output_dir / "final")
+        save_quantized_outputs(model, quantization, run.output_dir, source_dir=cfg.model.get("path"),
+                               dtype=place.dtype, convert=True)
+        run.close()
+        return run.history
+
+
+if __name__ == "__main__":
+    recipe_main(__file__)
