@@ -57,7 +57,8 @@ def main(cfg: Config) -> list[dict]:
     from tunewright.training.offload import activation_offloading
     from tunewright.training.optim import build_optimizer, optimizer_step
     from tunewright.training.placement import Placement, launched_by_torchrun
-    from tunewright.training.quantize import Quantization, prepare_qat, save_quantized_outputs, set_fake_quant
+    from tunewright.training.quantize import (Quantization, prepare_qat, quantize_for_export,
+                                              save_quantized_outputs, set_fake_quant)
     from tunewright.training.run import Run
     from tunewright.training.setup import seed_everything
     from tunewright.training.state import TrainState
@@ -124,8 +125,9 @@ def main(cfg: Config) -> list[dict]:
         # -------------------------------------------------------------- convert and export
         if cfg.save_final_model:
             place.save_model(model, run.output_dir / "final")
+        sizes = quantize_for_export(model, quantization, dtype=place.dtype, convert=True)
         save_quantized_outputs(model, quantization, run.output_dir, source_dir=cfg.model.get("path"),
-                               dtype=place.dtype, convert=True)
+                               dtype=place.dtype, sizes=sizes)
         run.close()
         return run.history
 

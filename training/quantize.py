@@ -282,28 +282,34 @@ def dequantized_(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_quantized_outputs(model: nn.Module, q: Quantization, output_dir: str | Path, *,
-                           source_dir: str | Path | None, dtype: torch.dtype, convert: bool) -> dict[str, int]:
-    """A run's quantized exports: `quantized/` (`save_quantized`) and `dequantized/` (Hugging
-    Face format). The model is cast to `dtype` (the compute dtype: fp32 master weights of mixed
-    precision are rounded as the deployed model holds them), then converted (`convert`, a QAT
-    model) or quantized (PTQ), in place. Prints and returns the weights' bytes before/after."""
-    from tunewright.models import save_pretrained
-    from tunewright.training import distributed as dist
-    from tunewright.training.atomic import human_bytes
 
-    output_dir = Path(output_dir)
+def quantize_for_export(model: nn.Module, q: Quantization, *, dtype: torch.dtype, convert: bool) -> dict[str, int]:
+    """Cast the model to `dtype` (the compute dtype: fp32 master weights of mixed precision are
+    rounded as the deployed model holds them), then convert it (`convert`: a QAT model) or
+    quantize it (PTQ), in place. Returns the weights' bytes before and after."""
     model.to(dtype)
     before = weight_bytes(model)
     if convert:
         convert_qat(model, q)
     else:
         quantize_ptq(model, q)
-    after = weight_bytes(model)
-    if dist.is_main():
-        out = save_quantized(model, output_dir / "quantized", q, source_dir=source_dir, dtype=dtype)
-        print(f"saved the quantized model ({q.scheme}, group {q.group_size}) to {out}: weights "
-              f"{human_bytes(before)} -> {human_bytes(after)} ({after / before:.0%})", flush=True)
-        out = save_pretrained(dequantized_(model), output_dir / "dequantized", source_dir=source_dir, dtype=dtype)
-        print(f"saved its dequantized copy (Hugging Face format) to {out}", flush=True)
-    return {"bytes_before": before, "bytes_after": after}
+    return {"bytes_before": before, "bytes_after": weight_bytes(model)}
+
+
+def save_quantized_outputs(model: nn.Module, q: Quantization, output_dir: str | Path, *,
+                           source_dir: str | Path | None, dtype: torch.dtype, sizes: dict[str, int]) -> None:
+    """A quantized model's exports (rank 0): `quantized/` (`save_quantized`), then, dequantized
+    in place, `dequantized/` in Hugging Face format."""
+    from tunewright.models import save_pretrained
+    from tunewright.training import distributed as dist
+    from tunewright.training.atomic import human_bytes
+
+    if not dist.is_main():
+        return
+    output_dir = Path(output_dir)
+    before, after = sizes["bytes_before"], sizes["bytes_after"]
+    out = save_quantized(model, output_dir / "quantized", q, source_dir=source_dir, dtype=dtype)
+    print(f"saved the quantized model ({q.scheme}, group {q.group_size}) to {out}: weights "
+          f"{human_bytes(before)} -> {human_bytes(after)} ({after / before:.0%})", flush=True)
+    out = save_pretrained(dequantized_(model), output_dir / "dequantized", source_dir=source_dir, dtype=dtype)
+    print(f"saved its dequantized copy (Hugging Face format) to {out}", flush=True)
