@@ -15,14 +15,16 @@ At the end the fake-quantized layers are converted (torchao's `QATConfig(step="c
 
     <output_dir>/quantized/     torchao's tensors (safetensors, no pickle) + config + tokenizer:
                                 model: {_component_: tunewright.training.quantize.load_quantized}
-    <output_dir>/dequantized/   the same numbers in Hugging Face format
-    <output_dir>/final/         with save_final_model: the trained weights before rounding
+    <output_dir>/dequantized/   its weights dequantized, in Hugging Face format (computes the
+                                same for weight-only schemes; activations are not rounded)
+    <output_dir>/final/         the trained weights before rounding (save_final_model, or FSDP2)
 
 Why a recipe of its own rather than a key of sft: the loop is sft's plus two lines (the switch
 and the convert-and-save), but sft's loop is its own to edit after `tune cp`, and this file is
 what `tune cp qat` gives a user who wants to change what QAT does. Full fine-tuning on one
-device: LoRA is refused (training/quantize.py says why), and so are several processes (the
-quantized export does not gather FSDP2 shards yet).
+device or FSDP2 (`tune run --nproc_per_node N qat ...`; tensor parallel is refused, as a
+row-sharded weight would split its quantization groups). LoRA is refused (training/quantize.py
+says why).
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from tunewright.training.entry import recipe_main
+from tunewright.training.parallel import ParallelConfig
 from tunewright.training.schema import Range
 from tunewright.training.train_config import LoRAConfig, TrainConfig
 
 
 @dataclass(kw_only=True)
-class Config(TrainConfig, LoRAConfig):
+class Config(TrainConfig, LoRAConfig, ParallelConfig):
     # {scheme: int8_dynamic_act_int4_weight | int4_weight_only | int4_weight_only_cuda |
     #  float8_dynamic_act_float8_weight | float8_dynamic_act_int4_weight, group_size: 32,
     #  embeddings: false}: training/quantize.py
@@ -56,20 +59,18 @@ def main(cfg: Config) -> list[dict]:
     from tunewright.training.objectives import causal_lm_loss, evaluate_loss
     from tunewright.training.offload import activation_offloading
     from tunewright.training.optim import build_optimizer, optimizer_step
-    from tunewright.training.placement import Placement, launched_by_torchrun
-    from tunewright.training.quantize import (Quantization, prepare_qat, quantize_for_export,
-                                              save_quantized_outputs, set_fake_quant)
+    from tunewright.training.placement import Placement
+    from tunewright.training.quantize import Quantization, export_qat, prepare_qat, set_fake_quant
     from tunewright.training.run import Run
     from tunewright.training.setup import seed_everything
     from tunewright.training.state import TrainState
 
     # ------------------------------------------------------------------ set-up
     quantization = Quantization.from_node(cfg.quantization)
-    if launched_by_torchrun():
-        raise ValueError("qat: runs on one device for now (the quantized export does not gather FSDP2 "
-                         "shards yet); run it without torchrun")
+    if cfg.tensor_parallel_dim > 1:  # a row-sharded weight would split its quantization groups
+        raise ValueError("tensor_parallel_dim: QAT shards with FSDP2 only for now; set tensor_parallel_dim: 1")
     seed_everything(cfg.seed)
-    with Placement(cfg) as place:
+    with Placement(cfg) as place:  # this device, or FSDP2 shards over torchrun's processes
         quantization.check_device(place.device)
         run = Run.from_config(cfg, checkpointer=place.checkpointer())
         device = place.device
@@ -122,12 +123,9 @@ def main(cfg: Config) -> list[dict]:
             if run.due(cfg.save_every_n_steps):
                 run.save(state, export=None)
 
-        # -------------------------------------------------------------- convert and export
-        if cfg.save_final_model:
-            place.save_model(model, run.output_dir / "final")
-        sizes = quantize_for_export(model, quantization, dtype=place.dtype, convert=True)
-        save_quantized_outputs(model, quantization, run.output_dir, source_dir=cfg.model.get("path"),
-                               dtype=place.dtype, sizes=sizes)
+        # -------------------------------------------------------------- convert, export: quantized/, dequantized/
+        export_qat(place, model, quantization, run.output_dir, source_dir=cfg.model.get("path"),
+                   save_final=bool(cfg.save_final_model))
         run.close()
         return run.history
 

@@ -94,6 +94,21 @@ def _stored(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
+def test_fsdp2_in_one_process_equals_one_device(tmp_path: Path) -> None:
+    from tunewright.training.quantize import load_quantized
+
+    common = [*FAST, "max_steps=3"]
+    one = run_recipe_file(QAT, QAT_CFG, [f"output_dir={tmp_path / 'one'}", *common])
+    fsdp = run_recipe_file(QAT, QAT_CFG, [f"output_dir={tmp_path / 'fsdp'}", "distributed=true", *common])
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in fsdp] == pytest.approx([r[key] for r in one], rel=1e-5), key
+    assert (tmp_path / "fsdp" / "final" / "config.json").is_file()  # gathered, then quantized on rank 0
+    tokens = torch.randint(0, 288, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = (load_quantized(tmp_path / run / "quantized")(tokens) for run in ("one", "fsdp"))
+    torch.testing.assert_close(a, b, rtol=0, atol=0.05)  # float noise may flip a rounding or two
+
+
 def test_ptq_export_loads_in_generate(tmp_path: Path) -> None:
     out = tmp_path / "ptq"
     result = run_recipe_file(PTQ, PTQ_CFG, [f"output_dir={out}"])
@@ -109,6 +124,7 @@ def test_ptq_export_loads_in_generate(tmp_path: Path) -> None:
     (["quantization.scheme=int4_weight_only_cuda"], "quantization.scheme: int4_weight_only_cuda runs on CUDA only"),
     (["lora_rank=8", "quantize_base=true"], "quantize_base: QAT on a QLoRA NF4 base is not possible"),
     (["lora_rank=8"], "lora_rank: QAT trains every weight"),
+    (["distributed=true", "tensor_parallel_dim=2"], "tensor_parallel_dim: QAT shards with FSDP2 only"),
 ])
 def test_bad_inputs_are_one_line(tmp_path: Path, overrides: list[str], match: str) -> None:
     with pytest.raises(ValueError, match=match) as e:

@@ -313,3 +313,23 @@ def save_quantized_outputs(model: nn.Module, q: Quantization, output_dir: str | 
           f"{human_bytes(before)} -> {human_bytes(after)} ({after / before:.0%})", flush=True)
     out = save_pretrained(dequantized_(model), output_dir / "dequantized", source_dir=source_dir, dtype=dtype)
     print(f"saved its dequantized copy (Hugging Face format) to {out}", flush=True)
+
+
+def export_qat(place: Any, model: nn.Module, q: Quantization, output_dir: str | Path, *,
+               source_dir: str | Path | None, save_final: bool) -> None:
+    """A QAT run's exports. One device: the prepared model is converted in place. FSDP2: the
+    trained weights are gathered into `final/` (written anyway), and rank 0 quantizes them with
+    the base config: the same numbers, as PTQ of the trained weights equals converting the
+    fake-quantized model bit for bit (tests/test_quantize.py)."""
+    from tunewright.models import load_pretrained
+    from tunewright.training import distributed as dist
+
+    output_dir = Path(output_dir)
+    if save_final or place.distributed:
+        place.save_model(model, output_dir / "final")
+    if place.distributed:
+        if not dist.is_main():
+            return
+        model = load_pretrained(output_dir / "final", dtype=place.dtype, device=place.device)
+    sizes = quantize_for_export(model, q, dtype=place.dtype, convert=not place.distributed)
+    save_quantized_outputs(model, q, output_dir, source_dir=source_dir, dtype=place.dtype, sizes=sizes)
