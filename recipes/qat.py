@@ -17,14 +17,16 @@ At the end the fake-quantized layers are converted (torchao's `QATConfig(step="c
                                 model: {_component_: tunewright.training.quantize.load_quantized}
     <output_dir>/dequantized/   its weights dequantized, in Hugging Face format (computes the
                                 same for weight-only schemes; activations are not rounded)
-    <output_dir>/final/         the trained weights before rounding (save_final_model, or FSDP2)
+    <output_dir>/final/         the trained weights before rounding (save_final_model, or FSDP2;
+                                merged/ with LoRA); adapter/: the LoRA adapter (PEFT format)
 
 Why a recipe of its own rather than a key of sft: the loop is sft's plus two lines (the switch
 and the convert-and-save), but sft's loop is its own to edit after `tune cp`, and this file is
-what `tune cp qat` gives a user who wants to change what QAT does. Full fine-tuning on one
-device or FSDP2 (`tune run --nproc_per_node N qat ...`; tensor parallel is refused, as a
-row-sharded weight would split its quantization groups). LoRA is refused (training/quantize.py
-says why).
+what `tune cp qat` gives a user who wants to change what QAT does (the price: the loop's dozen
+mechanical lines are sft's again). One device or FSDP2 (`tune run --nproc_per_node N qat ...`;
+tensor parallel is refused, as a row-sharded weight would split its quantization groups), full
+or LoRA: an adapted layer fake-quantizes its merged weight W + s·BA, the weight that is deployed
+(training/quantize.py says why); a QLoRA NF4 base is refused.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def main(cfg: Config) -> list[dict]:
     from tunewright.training.batching import StepBatches, global_sum, target_count, to_device, token_counts
     from tunewright.training.data_setup import build_data
     from tunewright.training.instantiate import instantiate
+    from tunewright.training.lora_setup import add_lora, peft_adapter_ok
     from tunewright.training.objectives import causal_lm_loss, evaluate_loss
     from tunewright.training.offload import activation_offloading
     from tunewright.training.optim import build_optimizer, optimizer_step
@@ -82,13 +85,13 @@ def main(cfg: Config) -> list[dict]:
                            max_steps=cfg.max_steps)
 
         # -------------------------------------------------------------- model, fake-quantized
-        if cfg.lora_rank is not None and cfg.quantize_base:
+        lora = cfg.lora_rank is not None
+        if lora and cfg.quantize_base:
             raise ValueError("quantize_base: QAT on a QLoRA NF4 base is not possible: fake quantization needs "
-                             "the full-precision weights; set quantize_base: false and unset lora_rank")
-        if cfg.lora_rank is not None:
-            raise ValueError("lora_rank: QAT trains every weight (LoRA's merged weight is what gets quantized, "
-                             "training/quantize.py); unset lora_rank")
-        model = place.load_model(cfg.model, convert=partial(prepare_qat, node=quantization))
+                             "the full-precision base weights; set quantize_base: false")
+        model = place.load_model(cfg.model, adapt=partial(add_lora, cfg=cfg) if lora else None,
+                                 convert=partial(prepare_qat, node=quantization))
+        write_adapter = lora and peft_adapter_ok(model, cfg)
 
         # -------------------------------------------------------------- optimizer, schedule, state
         optimizer = build_optimizer(cfg.optimizer, model)
@@ -96,6 +99,7 @@ def main(cfg: Config) -> list[dict]:
         state = TrainState(model=model, optimizer=optimizer, lr_scheduler=scheduler, data=data)
         run.resume(state)
         loss_fn = partial(causal_lm_loss, chunk_size=cfg.loss_chunk_size, padding_free=cfg.padding_free)
+        export = place.adapter_export(model) if write_adapter else None  # into each checkpoint
 
         # -------------------------------------------------------------- the loop (sft's)
         model.train()
@@ -121,9 +125,11 @@ def main(cfg: Config) -> list[dict]:
                 held_out = evaluate_loss(model, val, loss_fn, device=device, max_batches=cfg.max_eval_batches)
                 run.log(val_loss=held_out.loss)
             if run.due(cfg.save_every_n_steps):
-                run.save(state, export=None)
+                run.save(state, export=export)
 
         # -------------------------------------------------------------- convert, export: quantized/, dequantized/
+        if write_adapter and cfg.save_adapter:
+            place.save_adapter(model, run.output_dir / "adapter")  # trained through the rounding
         export_qat(place, model, quantization, run.output_dir, source_dir=cfg.model.get("path"),
                    save_final=bool(cfg.save_final_model))
         run.close()

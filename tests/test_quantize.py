@@ -1,7 +1,7 @@
 """training/quantize.py: torchao's QAT and PTQ as transforms of our generic decoder (the tiny
 Llama), against independent references: after `convert` the model computes bit for bit what the
 fake-quantized one did and what torchao's PTQ of the same weights does (fp32 and bf16, both CPU
-schemes, with and without quantized embeddings); the rounding is the symmetric per-group int4
+schemes, with and without quantized embeddings; with LoRA, PTQ of the merged weights); the rounding is the symmetric per-group int4
 formula written out here; the saved quantized model reloads to the same logits; bad inputs are
 one line each."""
 
@@ -54,6 +54,35 @@ def test_converted_model_equals_fake_quantized_and_ptq_bit_for_bit(scheme: str, 
     assert type(model.layers[0].attn.q_proj) is nn.Linear and model.layers[0].attn.q_proj.weight.__class__ \
         .__name__ == "IntxUnpackedToInt8Tensor"
     assert (type(model.tok_embeddings.weight.data) is not torch.Tensor) == embeddings
+
+
+@pytest.mark.parametrize("scheme,dtype", [(s, d) for s in Q.CPU_SCHEMES for d in (torch.float32, torch.bfloat16)])
+def test_lora_qat_rounds_the_merged_weight_and_converts_bit_for_bit(scheme: str, dtype: torch.dtype) -> None:
+    from tunewright.modules.peft.apply import apply_lora, lora_modules, merge_lora
+
+    model = _tiny(dtype)
+    apply_lora(model, targets=["q", "v", "down"], rank=4, alpha=8)
+    for _, layer in lora_modules(model):  # B = 0 would make the merged weight the base's
+        nn.init.normal_(layer.lora_b.weight, std=0.05, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain_lora = model(TOKENS)
+    reference = merge_lora(copy.deepcopy(model), dtype=dtype)  # what gets deployed: merged, then PTQ
+    Q.quantize_ptq(reference, {"scheme": scheme})
+    names = list(model.state_dict())
+    q = Q.prepare_qat(model, {"scheme": scheme})
+    assert list(model.state_dict()) == names  # adapters and checkpoints see the same names
+    fake = model(TOKENS)
+    fake.float().pow(2).mean().backward()  # through the rounding (straight-through) to A and B
+    layer = model.layers[0].attn.q_proj
+    assert layer.lora_a.weight.grad.abs().sum() > 0 and layer.lora_b.weight.grad.abs().sum() > 0
+    assert layer.weight.grad is None  # the base stays frozen
+    with torch.no_grad():
+        Q.set_fake_quant(model, False)
+        assert torch.equal(model(TOKENS), plain_lora)  # switched off: plain LoRA
+        Q.convert_qat(model, q, dtype=dtype)
+        converted = model(TOKENS)
+        assert torch.equal(converted, fake.detach())
+        assert torch.equal(converted, reference(TOKENS))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -128,8 +157,13 @@ def test_models_torchao_cannot_quantize_as_trained_are_refused_in_one_line() -> 
         Q.prepare_qat(_tiny(torch.float32), {**node, "group_size": 48})
     lora = _tiny(torch.bfloat16)
     apply_lora(lora, targets=["q", "v"], rank=4, alpha=8)
-    with pytest.raises(ValueError, match="without LoRA adapters"):
-        Q.prepare_qat(lora, node)
+    with pytest.raises(ValueError, match="PTQ takes a model without LoRA adapters: merge the adapter first"):
+        Q.quantize_ptq(copy.deepcopy(lora), node)
+    for options in ({"dropout": 0.1}, {"use_dora": True}):
+        adapted = _tiny(torch.float32)
+        apply_lora(adapted, targets=["q"], rank=4, alpha=8, **options)
+        with pytest.raises(ValueError, match="merged weight, which needs lora_dropout: 0, use_dora: false"):
+            Q.prepare_qat(adapted, node)
     quantize_base_nf4(lora)
     with pytest.raises(ValueError, match="base is NF4 \\(QLoRA, quantize_base: true\\)"):
         Q.prepare_qat(lora, node)

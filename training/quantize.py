@@ -25,21 +25,27 @@ computing with quantize-then-dequantize weights, and activations for the dynamic
 quantizers round exactly as its quantized tensors do, so the converted model's output equals
 the fake-quantized one bit for bit on CPU (tests/test_quantize.py).
 
-LoRA: QAT refuses a model with adapters. Fake-quantizing only the frozen base (torchtune's
-choice) trains a model that is not the one deployed: the merged weight W + BA is what gets
-quantized, and its rounding differs from W's. The correct form (fake-quantize the merged
-weight every step) is not built yet; QAT trains every weight.
+LoRA: what gets deployed is the merged weight W + s·BA, quantized. Fake-quantizing only the
+frozen base W (torchtune's choice) trains a model that is not the deployed one, as the merged
+weight rounds differently; here an adapted layer computes `F.linear(fq(x), fq(W + s·BA))`
+instead (torchao's fake quantizers on the merged weight, gradients reaching A and B through the
+rounding's straight-through estimator), so the merged-then-quantized export equals the trained
+model bit for bit too. The merged form costs a weight-sized add per layer and step, and needs
+lora_dropout 0 and no DoRA (both refused in one line). Before `fake_quant_after_n_steps` the
+layer computes as plain LoRA. PTQ takes plain models (merge the adapter first).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CPU_SCHEMES = ("int8_dynamic_act_int4_weight", "int4_weight_only")
@@ -110,31 +116,39 @@ def embedding_config(q: Quantization) -> Any:
 
 
 def _is_linear(module: nn.Module, fqn: str = "") -> bool:
-    return isinstance(module, nn.Linear)
+    """A layer to quantize: an nn.Linear holding plain weights, not a LoRA factor."""
+    return isinstance(module, nn.Linear) and type(module.weight.data) is torch.Tensor and \
+        fqn.rsplit(".", 1)[-1] not in ("lora_a", "lora_b")
 
 
 def _is_embedding(module: nn.Module, fqn: str = "") -> bool:
     return isinstance(module, nn.Embedding)
 
 
-def check_model(model: nn.Module, q: Quantization) -> None:
-    """What torchao would fail on deep inside, said in one line first: adapters, an NF4 base,
-    a tied head with `embeddings`, rows that the group size does not divide."""
-    from tunewright.modules.peft.apply import lora_modules
+def check_model(model: nn.Module, q: Quantization, *, adapters: bool = False) -> None:
+    """What torchao would fail on deep inside, said in one line first: an NF4 base, adapters
+    (unless `adapters`: QAT's plain LoRA), a tied head with `embeddings`, rows that the group
+    size does not divide."""
+    from tunewright.modules.peft.apply import expert_lora_modules, lora_modules
     from tunewright.modules.peft.nf4 import is_nf4
 
     if any(is_nf4(p) for p in model.parameters()):
         raise ValueError("quantization: the model's base is NF4 (QLoRA, quantize_base: true); QAT and PTQ need "
                          "the full-precision weights: set quantize_base: false")
-    if next(lora_modules(model), None) is not None:
-        raise ValueError("quantization: QAT and PTQ take a model without LoRA adapters (training/quantize.py "
-                         "says why): unset lora_rank, or merge the adapter first (save_final_model: true)")
+    lora = [m for _, m in lora_modules(model)]
+    if lora and not adapters:
+        raise ValueError("quantization: PTQ takes a model without LoRA adapters: merge the adapter first "
+                         "(save_final_model: true writes merged/)")
+    if any(m.use_dora or not isinstance(m.dropout, nn.Identity) for m in lora) or \
+            next(expert_lora_modules(model), None) is not None:
+        raise ValueError("quantization: QAT with LoRA fake-quantizes the merged weight, which needs lora_dropout: 0, "
+                         "use_dora: false and no adapters on MoE experts")
     if q.embeddings and getattr(model, "output", 0) is None:
         raise ValueError("quantization.embeddings: this model's output head is tied to its embeddings and "
                          "would read them unquantized; set embeddings: false")
     if q.scheme in CUDA_SCHEMES and q.scheme != "int4_weight_only_cuda":
         return  # float8 scales per row: any width works
-    widths = [(name, m.in_features) for name, m in model.named_modules() if _is_linear(m)]
+    widths = [(name, m.in_features) for name, m in model.named_modules() if _is_linear(m, name) or m in lora]
     if q.embeddings:
         widths += [(name, m.embedding_dim) for name, m in model.named_modules() if _is_embedding(m)]
     for name, width in widths:
@@ -149,12 +163,45 @@ def prepare_qat(model: nn.Module, node: dict[str, Any] | Quantization) -> Quanti
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
+    from tunewright.modules.peft.apply import lora_modules
+
     q = Quantization.from_node(node)
-    check_model(model, q)
+    check_model(model, q, adapters=True)
+    # On the meta device (FSDP2) torchao's swap makes fresh parameters, which would train:
+    # the frozen ones (LoRA's base) are frozen again.
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     quantize_(model, QATConfig(base_config(q), step="prepare"), filter_fn=_is_linear)
     if q.embeddings:
         quantize_(model, QATConfig(embedding_config(q), step="prepare"), filter_fn=_is_embedding)
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    for _, layer in lora_modules(model):
+        _fake_quantize_merged(layer, q)
     return q
+
+
+def _fake_quantize_merged(layer: nn.Module, q: Quantization) -> None:
+    """A LoRA layer computing with its merged weight, fake-quantized (module docstring). The
+    quantizers hold no tensors, so the state dict (checkpoints, adapters) does not change."""
+    from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
+    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
+
+    act_config, weight_config = _infer_fake_quantize_configs(base_config(q))
+    layer.activation_fake_quantizer = FakeQuantizerBase.from_config(act_config) if act_config else None
+    layer.weight_fake_quantizer = FakeQuantizerBase.from_config(weight_config)
+    layer.forward = functools.partial(_merged_fake_quantized_forward, layer, layer.forward)
+
+
+def _merged_fake_quantized_forward(layer: nn.Module, lora_forward: Callable[[torch.Tensor], torch.Tensor],
+                                   x: torch.Tensor) -> torch.Tensor:
+    if not layer.weight_fake_quantizer.enabled:  # before fake_quant_after_n_steps: plain LoRA
+        return lora_forward(x)
+    # merge_lora's weight: base + delta summed in fp32, in the dtype the merged layer will hold
+    w = (layer.weight.float() + layer.delta_weight().float()).to(layer.weight.dtype)
+    if layer.activation_fake_quantizer is not None:
+        x = layer.activation_fake_quantizer(x)
+    return F.linear(x, layer.weight_fake_quantizer(w), layer.bias)
 
 
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:
@@ -166,15 +213,21 @@ def set_fake_quant(model: nn.Module, enabled: bool) -> None:
             m.enabled = enabled
 
 
-def convert_qat(model: nn.Module, node: dict[str, Any] | Quantization) -> None:
-    """Fake-quantized layers -> plain ones holding torchao's quantized weights, in place."""
+def convert_qat(model: nn.Module, node: dict[str, Any] | Quantization, *, dtype: torch.dtype | None = None) -> None:
+    """Fake-quantized layers -> plain ones holding torchao's quantized weights, in place; LoRA
+    layers are merged first (into `dtype`, default their adapters' dtype)."""
     from torchao.quantization import quantize_
     from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear, QATConfig
 
+    from tunewright.modules.peft.apply import lora_modules, merge_lora
+
     q = Quantization.from_node(node)
     set_fake_quant(model, True)  # convert quantizes whatever the switch said
+    if next(lora_modules(model), None) is not None:
+        merge_lora(model, dtype=dtype)  # the weights the adapted layers fake-quantized
     quantize_(model, QATConfig(base_config(q), step="convert"),
               filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
+    quantize_(model, base_config(q), filter_fn=_is_linear)  # the merged layers, if any
     if q.embeddings:
         quantize_(model, QATConfig(embedding_config(q), step="convert"),
                   filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedEmbedding))
@@ -287,10 +340,14 @@ def quantize_for_export(model: nn.Module, q: Quantization, *, dtype: torch.dtype
     """Cast the model to `dtype` (the compute dtype: fp32 master weights of mixed precision are
     rounded as the deployed model holds them), then convert it (`convert`: a QAT model) or
     quantize it (PTQ), in place. Returns the weights' bytes before and after."""
+    from tunewright.modules.peft.apply import merge_lora
+
+    if convert:
+        merge_lora(model, dtype=dtype)  # (LoRA) from the fp32 adapters, as the fake quantizers saw them
     model.to(dtype)
     before = weight_bytes(model)
     if convert:
-        convert_qat(model, q)
+        convert_qat(model, q, dtype=dtype)
     else:
         quantize_ptq(model, q)
     return {"bytes_before": before, "bytes_after": weight_bytes(model)}
@@ -325,11 +382,14 @@ def export_qat(place: Any, model: nn.Module, q: Quantization, output_dir: str | 
     from tunewright.training import distributed as dist
 
     output_dir = Path(output_dir)
+    from tunewright.modules.peft.apply import lora_modules
+
+    lora = next(lora_modules(model), None) is not None
     if save_final or place.distributed:
-        place.save_model(model, output_dir / "final")
+        place.save_model(model, output_dir / ("merged" if lora else "final"), merge=lora)
     if place.distributed:
         if not dist.is_main():
             return
-        model = load_pretrained(output_dir / "final", dtype=place.dtype, device=place.device)
+        model = load_pretrained(output_dir / ("merged" if lora else "final"), dtype=place.dtype, device=place.device)
     sizes = quantize_for_export(model, q, dtype=place.dtype, convert=not place.distributed)
     save_quantized_outputs(model, q, output_dir, source_dir=source_dir, dtype=place.dtype, sizes=sizes)
