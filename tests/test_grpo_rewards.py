@@ -153,3 +153,26 @@ def test_bad_prompt_data_is_one_line(tokenizer, tmp_path):
     path.write_text(json.dumps({"prompt": 3}) + "\n")
     with pytest.raises(DataError, match="row 0: field 'prompt' must be a string or a list of messages"):
         prompt_dataset(tokenizer, source=str(path))
+
+
+def test_a_reward_model_scores_as_transformers_does(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tunewright.models import load_pretrained, save_pretrained
+
+    source = tiny_asset("llama")
+    save_pretrained(load_pretrained(source, num_labels=1), tmp_path / "rm", source_dir=source)
+    prompts = ["Add 2 and 3.", [{"role": "user", "content": "Reverse abc."}]]
+    completions = ["5", "cba"]
+    got = R.reward_model(str(tmp_path / "rm"), batch_size=1)(prompts, completions)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "rm")
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float32)
+    want = []
+    for prompt, completion in zip(prompts, completions):
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = hf_tok.apply_chat_template([*turns, {"role": "assistant", "content": completion}], return_dict=False)
+        with torch.no_grad():
+            want.append(theirs(torch.tensor([ids])).logits[0, 0].item())
+    assert got == pytest.approx(want, abs=1e-4)
+    assert got[0] != pytest.approx(got[1], abs=1e-3)
+    with pytest.raises(ValueError, match="is a causal LM, not a reward model"):
+        R.reward_model(str(source))

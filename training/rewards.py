@@ -1,5 +1,6 @@
 """Reward functions of online RL (GRPO): each scores a batch of completions, and a `RewardSet`
-weighs them into one reward per completion.
+weighs them into one reward per completion. Built in: `reasoning_gym_score`, `exact_match`,
+`format_reward`, `length_penalty`, `overlong_penalty`, `reward_model` (a trained reward model).
 
 One signature (TRL's), for built-in and user functions alike:
 
@@ -118,6 +119,39 @@ def overlong_penalty(max_completion_length: int, soft_punish_cache: int) -> Rewa
                                      soft_punish_cache=soft_punish_cache).tolist()
 
     return _named(reward, "overlong_penalty")
+
+
+def reward_model(path: str, *, batch_size: int = 16, device: str = "cpu") -> RewardFn:
+    """A reward model as a reward function: its score (`models/score.py`) of each prompt with
+    its completion as the assistant's reply, chat-formatted by the reward model's own tokenizer.
+    `path`: a `*ForSequenceClassification` directory, e.g. `recipes/reward_model.py`'s `final/`
+    or `merged/`."""
+    from tunewright.data.collate import collate_flat
+    from tunewright.data.tokenizer import load_tokenizer
+    from tunewright.models import load_pretrained
+    from tunewright.models.score import sequence_scores
+    from tunewright.training.batching import to_device
+
+    model = load_pretrained(path, device=device).eval()
+    if getattr(model.args, "num_labels", None) is None:
+        raise ValueError(f"reward_model: {path} is a causal LM, not a reward model (its config.json has no "
+                         "num_labels / *ForSequenceClassification architecture)")
+    tokenizer = load_tokenizer(path)
+
+    @torch.no_grad()
+    def reward(prompts: list, completions: list[str], **fields: Any) -> list[float]:
+        rows = []
+        for prompt, completion in zip(prompts, completions):
+            turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            ids, _ = tokenizer.tokenize_messages([*turns, {"role": "assistant", "content": completion}])
+            rows.append({"tokens": ids, "labels": ids})
+        scores: list[float] = []
+        for start in range(0, len(rows), batch_size):
+            batch = to_device(collate_flat(rows[start:start + batch_size]), device)
+            scores += sequence_scores(model, batch)[:, 0].tolist()
+        return scores
+
+    return _named(reward, "reward_model")
 
 
 class RewardSet:
