@@ -30,6 +30,11 @@ and its normaliser:
 data-parallel ranks (micro-batches' gradients add up, and FSDP sums over ranks), so that
 splitting a step into micro-batches or ranks gives the update of one batch; left out, they are
 this batch's own, which is TRL's loss with one micro-batch on one process.
+
+Below the formulas, the model side of a step: `rollout_batch` (rows prompt + completion, the
+completion as targets), `completion_logprobs` (log-probs and entropies from hidden states, the
+head chunk by chunk as `objectives.token_logprobs`), `padded` (flat values -> [N, T]), and the
+recipe's plumbing, `check_grpo_config` and `micro_batches`.
 """
 
 from __future__ import annotations
