@@ -204,6 +204,11 @@ MINIMAL = {
     "generate": {"recipe": "generate", "model": MODEL, "tokenizer": TOKENIZER, "prompt": "Hi"},
     "evaluate": {"recipe": "evaluate", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER,
                  "dataset": DATASET},
+    "grpo": {"recipe": "grpo", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER,
+             "dataset": {"_component_": "tunewright.data.prompts.prompt_dataset", "source": "/d.jsonl"},
+             "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4},
+             "rewards": {"_component_": "tunewright.training.rewards.RewardSet",
+                         "functions": [{"_component_": "tunewright.training.rewards.exact_match"}]}},
 }
 RUN_DEFAULTS = {"seed": 0, "device": "cpu", "dtype": "fp32", "num_threads": None, "loss_chunk_size": 1024}
 DEFAULTS = {
@@ -222,6 +227,12 @@ DEFAULTS = {
                  "dtype": "fp32", "num_threads": None, "compile": False},
     "evaluate": {**RUN_DEFAULTS, "adapter": None, "batch_size": 8, "answer_column": "answer", "task": None,
                  "max_new_tokens": 32, "max_answers": None, "generate_batch_size": 64, "compile": False},
+    # TRL 1.16's GRPOConfig defaults, but max_new_tokens (TRL's max_completion_length: 512)
+    "grpo": {**RUN_DEFAULTS, "num_generations": 8, "max_new_tokens": 256, "temperature": 1.0, "top_k": None,
+             "top_p": None, "ppo_epochs": 1, "num_minibatches": 1, "loss_type": "dapo",
+             "importance_sampling_level": "token", "epsilon": 0.2, "epsilon_high": None, "beta": 0.0,
+             "scale_rewards": "group", "mask_truncated_completions": False, "dynamic_sampling": False,
+             "lora_rank": None},
 }
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.py") if not p.name.startswith("_"))
 
