@@ -54,6 +54,7 @@ SCHEMES = CPU_SCHEMES + CUDA_SCHEMES
 
 QUANTIZED_FILE = "quantized.safetensors"  # torchao's tensors flattened, with their metadata
 QUANTIZATION_FILE = "quantization.json"  # the node that made it, and the dtype it computes in
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # as configs write them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +272,7 @@ def save_quantized(model: nn.Module, directory: Path, q: Quantization, *, source
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / QUANTIZED_FILE), metadata=metadata)
-        info = {**dataclasses.asdict(q), "dtype": str(dtype).removeprefix("torch.")}
+        info = {**dataclasses.asdict(q), "dtype": _DTYPE_NAMES[dtype]}
         (tmp / QUANTIZATION_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if source_dir is not None:
             for f in Path(source_dir).iterdir():
@@ -306,10 +307,9 @@ def load_quantized(path: str | Path, *, dtype: str | torch.dtype | None = None,
         raise ValueError(f"{path}: not a quantized model (no {QUANTIZED_FILE} and {QUANTIZATION_FILE}); "
                          "tune run quantize writes one")
     info = json.loads(info_file.read_text())
-    made_in = as_dtype({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[info.pop("dtype")])
-    if dtype is not None and as_dtype(dtype) != made_in:
-        raise ValueError(f"{path}: quantized in {made_in}, computes in it only; set dtype: "
-                         f"{ {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[made_in] }")
+    made_in = info.pop("dtype")
+    if dtype is not None and as_dtype(dtype) != as_dtype(made_in):
+        raise ValueError(f"{path}: quantized in {made_in}, computes in it only; set dtype: {made_in}")
     q = Quantization.from_node(info, key=str(info_file))
     device = torch.device(device or "cpu")
     q.check_device(device)
@@ -319,7 +319,7 @@ def load_quantized(path: str | Path, *, dtype: str | torch.dtype | None = None,
     state, leftover = unflatten_tensor_state_dict(tensors, metadata)
     state.update(leftover)
     _, args = model_args(path)
-    model = build_model(args, device=device).to(made_in)
+    model = build_model(args)  # on the meta device: the stored tensors are assigned, not copied
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, assign=True, strict=True)
     return model.requires_grad_(False).eval()
 
@@ -333,7 +333,6 @@ def dequantized_(model: nn.Module) -> nn.Module:
             if type(p.data) is not torch.Tensor and hasattr(p.data, "dequantize"):
                 setattr(module, name, nn.Parameter(p.dequantize(), requires_grad=False))
     return model
-
 
 
 def quantize_for_export(model: nn.Module, q: Quantization, *, dtype: torch.dtype, convert: bool) -> dict[str, int]:
