@@ -42,7 +42,7 @@ ALIASES = {
     "grpo_full_finetune_distributed": "grpo",  # torchtune's dev/ GRPO recipe
     "knowledge_distillation_single_device": "knowledge_distillation",
     "knowledge_distillation_distributed": "knowledge_distillation",
-    "qat_single_device": "qat",  # torchtune 0.6's; its qat_distributed has no counterpart yet
+    "qat_single_device": "qat", "qat_distributed": "qat", "qat_lora_finetune_distributed": "qat",
 }
 
 
