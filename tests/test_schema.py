@@ -204,6 +204,12 @@ MINIMAL = {
     "generate": {"recipe": "generate", "model": MODEL, "tokenizer": TOKENIZER, "prompt": "Hi"},
     "evaluate": {"recipe": "evaluate", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER,
                  "dataset": DATASET},
+    "reward_model": {"recipe": "reward_model", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER,
+                     "dataset": {"_component_": "tunewright.data.preference.preference_dataset", "source": "/p.jsonl"},
+                     "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4}},
+    "knowledge_distillation": {"recipe": "knowledge_distillation", "output_dir": "/o", "model": MODEL,
+                               "teacher_model": MODEL, "tokenizer": TOKENIZER, "dataset": DATASET,
+                               "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4}},
     "grpo": {"recipe": "grpo", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER,
              "dataset": {"_component_": "tunewright.data.prompts.prompt_dataset", "source": "/d.jsonl"},
              "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4},
@@ -227,6 +233,14 @@ DEFAULTS = {
                  "dtype": "fp32", "num_threads": None, "compile": False},
     "evaluate": {**RUN_DEFAULTS, "adapter": None, "batch_size": 8, "answer_column": "answer", "task": None,
                  "max_new_tokens": 32, "max_answers": None, "generate_batch_size": 64, "compile": False},
+    # TRL's RewardConfig: no centring unless asked (it suggests 0.01); LoRA and saving as sft.
+    "reward_model": {**RUN_DEFAULTS, "center_rewards_coefficient": None, "lora_rank": None, "save_final_model": None,
+                     "save_adapter": True, "padding_free": True, "clip_grad_norm": 1.0},
+    # torchtune's KD recipe: forward KL, kd_ratio 0.5, temperature 1; off-policy unless lmbda > 0
+    # (GKD's on-policy fraction); generalized JSD's beta 0.5 as TRL's GKDConfig.
+    "knowledge_distillation": {**RUN_DEFAULTS, "teacher_dtype": None, "kd_loss": "forward_kl", "beta": 0.5,
+                               "temperature": 1.0, "kd_ratio": 0.5, "lmbda": 0.0, "max_new_tokens": 128,
+                               "lora_rank": None, "batch_size": 2},
     # TRL 1.16's GRPOConfig defaults, but max_new_tokens (TRL's max_completion_length: 512)
     "grpo": {**RUN_DEFAULTS, "num_generations": 8, "max_new_tokens": 256, "temperature": 1.0, "top_k": None,
              "top_p": None, "ppo_epochs": 1, "num_minibatches": 1, "loss_type": "dapo",
