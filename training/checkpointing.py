@@ -201,6 +201,12 @@ def object_states(state: TrainState) -> dict[str, Any]:
     return {name: obj.state_dict() for name, obj in state.objects.items()}
 
 
+def rank_object_states(state: TrainState) -> dict[str, Any]:
+    """The entries that differ between ranks (`per_rank = True`, e.g. a sampling generator
+    seeded by rank): a sharded checkpoint keeps them per rank, beside that rank's RNG."""
+    return {name: obj.state_dict() for name, obj in state.objects.items() if getattr(obj, "per_rank", False)}
+
+
 def load_object_states(state: TrainState, saved: dict[str, Any], where: Path) -> None:
     missing = [name for name in state.objects if name not in saved]
     if missing:

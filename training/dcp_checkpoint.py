@@ -10,7 +10,7 @@ it; loading reshards, so a run resumes on any number of ranks. Same place and ma
                            ("<model>.model.*") and its optimizers' state ("<model>.optim.*")
         train_state.pt     the run's counters, every other entry (scheduler, data position),
                            world size, seed (rank 0)
-        rng/rank_<r>.pt    torch + python RNG of rank r
+        rng/rank_<r>.pt    torch + python RNG of rank r, and its `per_rank` entries
         ...                whatever `export(dir)` writes (e.g. the PEFT adapter of that step)
 
 Atomic: all ranks write into `checkpoints/.step_<N>.tmp`, a name each derives from the step (no
@@ -56,8 +56,8 @@ from tunewright.training.atomic import (check_free_space, disk_full_error, follo
                                        put_in_place, tensor_bytes)
 from tunewright.training.checkpointing import SHARDED_DIR as DCP_DIR
 from tunewright.training.checkpointing import (STATE_FILE, Export, check_names, check_shape, checkpoints_dir,
-                                               load_object_states, object_states, prune, rng_state,
-                                               set_rng_state, step_dir_name)
+                                               load_object_states, object_states, prune, rank_object_states,
+                                               rng_state, set_rng_state, step_dir_name)
 from tunewright.training.state import TrainState
 
 RNG_DIR = "rng"
@@ -174,7 +174,8 @@ class ShardedCheckpointer:
             (tmp / RNG_DIR).mkdir(parents=True)
         dist.barrier()
         try:
-            torch.save(rng_state(), _rng_file(tmp, dist.rank()))
+            # This rank's RNG and its own entries (`per_rank`: e.g. each rank's sampling generator).
+            torch.save({**rng_state(), "rank_objects": rank_object_states(state)}, _rng_file(tmp, dist.rank()))
             if dist.is_main():
                 torch.save({"run": run_state, "objects": object_states(state), "world_size": dist.world_size(),
                             "seed": torch.initial_seed()}, tmp / STATE_FILE)
@@ -263,13 +264,19 @@ class ShardedCheckpointer:
         load_object_states(state, saved["objects"], step_dir)
         rng = _rng_file(step_dir, dist.rank())
         if rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=True))
+            mine = torch.load(rng, weights_only=True)
+            set_rng_state(mine)
+            for name, value in mine.get("rank_objects", {}).items():
+                state.objects[name].load_state_dict(value)
         else:  # this rank did not exist in the saving run (it had `world_size` ranks)
             if dist.rank() < saved["world_size"]:
                 raise ValueError(f"{rng} is missing: the checkpoint is incomplete")
             new_seed = derived_seed(saved["seed"], saved["run"]["step"], dist.rank())
             torch.manual_seed(new_seed)
             random.seed(new_seed)
+            for obj in state.objects.values():
+                if getattr(obj, "per_rank", False):
+                    obj.reseed(new_seed)  # not rank 0's stream, loaded above
         return saved["run"]
 
 

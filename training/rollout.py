@@ -45,7 +45,10 @@ class Rollouts:
 
 class SamplingGenerator:
     """The generator rollouts draw from, as a `TrainState` entry: its state goes into each
-    checkpoint, so a resumed run samples what the uninterrupted one would have."""
+    checkpoint, so a resumed run samples what the uninterrupted one would have. Each rank
+    has its own stream (`per_rank`: kept per rank in sharded checkpoints)."""
+
+    per_rank = True
 
     def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
         self.generator = torch.Generator(device).manual_seed(seed)
@@ -55,6 +58,10 @@ class SamplingGenerator:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["state"])
+
+    def reseed(self, seed: int) -> None:
+        """A rank the saving run did not have: a stream of its own, not a copy of rank 0's."""
+        self.generator.manual_seed(seed)
 
 
 @torch.no_grad()

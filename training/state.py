@@ -13,7 +13,9 @@ more, schedulers, data streams, counters. Entries are told apart by type:
 - an optimizer (`torch.optim.Optimizer`): its whole state;
 - anything else with `state_dict()` / `load_state_dict()` (a scheduler, `StepBatches`, a
   recipe's own counter object): its state dict, which must hold plain values and tensors
-  (checkpoints are read with `weights_only=True`).
+  (checkpoints are read with `weights_only=True`); one marked `per_rank = True` (each rank's
+  sampling generator) is kept per rank in sharded checkpoints, with a `reseed(seed)` for a
+  rank the saving run did not have.
 
 `None` entries are skipped, so `lr_scheduler=None` needs no special case. RNG state (torch,
 python, CUDA) is always saved and restored with the entries.

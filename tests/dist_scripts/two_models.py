@@ -5,7 +5,8 @@ has), a scheduler, a data stream and a counter of its own, all checkpointed thro
     python two_models.py --out DIR [--sharded] [--stop-after N] [--resume auto]
     torchrun --nproc_per_node 2 two_models.py --out DIR --sharded ...
 
-Each step draws noise from the global RNG (so an exact resume must restore it), updates the
+Each step draws noise from the global RNG and from a per-rank `SamplingGenerator` (so an
+exact resume must restore both, each rank its own), updates the
 value model towards a target that depends on the policy, and the policy towards one that
 depends on the value. `--sharded` shards both models with FSDP2 (under torchrun) and writes DCP
 checkpoints; otherwise one process writes whole tensors. Rank 0's `<out>/metrics.jsonl` has the
@@ -28,6 +29,7 @@ from tunewright.training.batching import Batches, StepBatches, global_sum
 from tunewright.training.checkpointing import LocalCheckpointer
 from tunewright.training.dcp_checkpoint import ShardedCheckpointer
 from tunewright.training.optim import optimizer_step
+from tunewright.training.rollout import SamplingGenerator
 from tunewright.training.run import Run
 from tunewright.training.state import TrainState
 
@@ -82,8 +84,9 @@ def main() -> None:
     data = StepBatches(batches, epochs=4, max_steps=args.steps)
     scheduler = torch.optim.lr_scheduler.StepLR(policy_opt, step_size=3, gamma=0.5)
     counter = Counter()
+    sampling = SamplingGenerator(100 + dist.rank())  # each rank's own stream, as rollouts draw
     state = TrainState(policy=policy, value=value, policy_opt=policy_opt, value_opt=value_opt,
-                       schedule=scheduler, data=data, counter=counter)
+                       schedule=scheduler, data=data, counter=counter, sampling=sampling)
     checkpointer = ShardedCheckpointer() if args.sharded else LocalCheckpointer()
     run = Run(args.out, resume_from_checkpoint=args.resume, checkpointer=checkpointer, progress_bar=False)
     run.resume(state)
@@ -93,6 +96,7 @@ def main() -> None:
             break  # as if the run had been stopped here
         [x] = data.next()
         noise = 0.1 * torch.randn_like(x)  # global RNG: resume must restore it
+        noise = noise + 0.1 * torch.randn(x.shape, generator=sampling.generator)  # and each rank's own
         n = global_sum(torch.tensor(float(x.shape[0])))
         action = policy(x + noise)
         value_loss = (value(action.detach()).squeeze(-1) - action.detach().square().mean(-1)).square().sum()
