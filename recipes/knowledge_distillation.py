@@ -27,8 +27,8 @@ checkpoint, so a resumed run samples what the uninterrupted one would have.
 
 The teacher is frozen, in eval mode, stored and computed in `teacher_dtype`; a teacher of
 another vocabulary is refused before anything loads. Full or LoRA student (`lora_rank`), one
-device or FSDP2 (the teacher sharded like the student; on-policy steps in one process only, as
-processes sampling replies of different lengths are not kept in step yet). torchtune's names
+device or FSDP2 (the teacher sharded like the student; on a sampled step every process samples
+its own rows, and the rollout keeps the processes' decode steps in step). torchtune's names
 `knowledge_distillation_single_device` and `knowledge_distillation_distributed` run this file.
 Not done: a teacher's top-k logits cached to disk for later epochs (the teacher runs at every
 step).
@@ -85,9 +85,6 @@ def main(cfg: Config) -> list[dict]:
     # ------------------------------------------------------------------ set-up
     seed_everything(cfg.seed)
     with Placement(cfg) as place:  # this device, or FSDP2 shards over torchrun's processes
-        if cfg.lmbda and dist.world_size() > 1:  # each rank's rollout would stop at its own longest reply
-            raise ValueError(f"lmbda: on-policy steps run in one process for now, not {dist.world_size()}; "
-                             "set lmbda: 0 or run without torchrun")
         run = Run.from_config(cfg, checkpointer=place.checkpointer())
         device = place.device
 

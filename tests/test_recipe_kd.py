@@ -8,6 +8,7 @@ divergence over the rollout's tokens, the teacher scores them as its own forward
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -269,13 +270,24 @@ def test_on_policy_loss_is_the_divergence_over_the_students_samples(tmp_path: Pa
     assert history[0]["reply_length"] == pytest.approx(count / len(out.completions))
 
 
-def test_on_policy_steps_in_several_processes_are_one_line(tmp_path: Path, monkeypatch) -> None:
-    from tunewright.training import distributed
+@pytest.mark.slow
+def test_on_policy_steps_over_two_processes_run_and_resume_exactly(tmp_path: Path) -> None:
+    """Each process samples its own rows (replies of different lengths: the rollout keeps the
+    processes' decode steps in step) and a resumed run samples, per process, what the
+    uninterrupted one did (each rank's sampling stream is kept per rank)."""
+    from tests.dist_scripts.launch import torchrun
 
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    with pytest.raises(ValueError, match="lmbda: on-policy steps run in one process for now, not 2") as e:
-        run_recipe_file(RECIPE, OPD, [f"output_dir={tmp_path}", *FAST])
-    assert "\n" not in str(e.value)
+    fault = REPO / "tests" / "dist_scripts" / "recipe_with_fault.py"
+    common = ["--config", OPD, *FAST, "batch_size=2", "max_steps=4", "save_every_n_steps=2", "lmbda=0.5"]
+    torchrun(2, RECIPE, [*common, f"output_dir={tmp_path / 'straight'}"], timeout=600)
+    stopped = torchrun(2, fault, [RECIPE, *common, f"output_dir={tmp_path / 'resumed'}"], timeout=600,
+                       env={"FAULT": "raise", "FAULT_AFTER_STEPS": "3"}, expect_ok=False)
+    assert stopped.returncode != 0
+    torchrun(2, RECIPE, [*common, f"output_dir={tmp_path / 'resumed'}", "resume_from_checkpoint=auto"], timeout=600)
+    straight = metrics(tmp_path / "straight")
+    assert set(metrics(tmp_path / "straight", "on_policy").values()) == {0, 1}
+    assert all(math.isfinite(v) for v in straight.values())
+    assert metrics(tmp_path / "resumed") == straight
 
 
 def test_on_policy_kill_and_resume_samples_what_the_uninterrupted_run_did(tmp_path: Path, monkeypatch) -> None:
