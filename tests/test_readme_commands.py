@@ -166,7 +166,8 @@ def convert_shipped_gguf(cwd: Path, command: str) -> None:
 MERGE = "tune merge-lora ./base ./run/adapter --output-dir ./merged"
 SLOW = {"tune convert-gguf model.Q4_1.gguf --output-dir ./model",
         "tune run --nproc_per_node 2 sft --config llama/tiny_lora_distributed",
-        "tune run --nproc_per_node 2 sft --config llama/tiny_full_distributed"}
+        "tune run --nproc_per_node 2 sft --config llama/tiny_full_distributed",
+        "tune run --nproc_per_node 2 dpo --config llama/tiny_dpo_full"}
 SLURM = {"SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "head": "node0"}
 
 COMMANDS: dict[str, Callable[..., None]] = {
@@ -184,6 +185,12 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "tune chat ./merged --prompt 'What is the capital of France?'": with_lora_run(MERGE),
     "tune run generate --config llama/tiny_generate temperature=0.7": short_run(),
     "tune run generate --config llama/tiny_generate 'prompt=Reverse the letters: abc'": short_run(),
+    # README: preference optimisation
+    "tune run dpo --config llama/tiny_dpo_lora": short_run(),
+    "tune run dpo --config llama/tiny_dpo_lora loss=simpo beta=2.0 gamma=0.5": short_run(),
+    "tune run dpo --config llama/tiny_kto_lora": short_run(),
+    "tune run dpo --config llama/tiny_dpo_full precompute_ref_logps=true": short_run(),
+    "tune run --nproc_per_node 2 dpo --config llama/tiny_dpo_full": two_processes,
     # README: reward models
     "tune run reward_model --config llama/tiny_reward_lora": short_run(),
     "tune run grpo --config llama/tiny_grpo": short_run(),
