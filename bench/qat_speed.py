@@ -4,10 +4,10 @@
     .venv/bin/python bench/qat_speed.py [--tokens 512 2048] [--repeats 5] [--scheme int8_dynamic_act_int4_weight]
 
 The model has SmolLM2-135M's shape (random weights, fp32, from the registry's size table), the
-loss is the recipes' (`causal_lm_loss`) on one row of `--tokens` tokens. Fake quantization rounds every weight at every step (a cost
-that grows with the parameters, not the tokens) and, for the dynamic scheme, every linear
-layer's input (which grows with the tokens), so the slowdown falls as the step's tokens grow.
-Reports the median seconds per step of each and the slowdown, for each token count.
+loss is the recipes' (`causal_lm_loss`) on one row of `--tokens` tokens. Fake quantization
+rounds every weight at every step (a cost that grows with the parameters) and, for the dynamic
+scheme, every linear layer's input, per token, forward and backward (a cost that grows with the
+tokens). Reports the median seconds per step of each and the slowdown, for each token count.
 """
 
 from __future__ import annotations
