@@ -215,6 +215,10 @@ MINIMAL = {
              "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4},
              "rewards": {"_component_": "tunewright.training.rewards.RewardSet",
                          "functions": [{"_component_": "tunewright.training.rewards.exact_match"}]}},
+    "qat": {"recipe": "qat", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER, "dataset": DATASET,
+            "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4},
+            "quantization": {"scheme": "int8_dynamic_act_int4_weight"}},
+    "quantize": {"recipe": "quantize", "output_dir": "/o", "model": MODEL, "quantization": {"scheme": "int4_weight_only"}},
 }
 RUN_DEFAULTS = {"seed": 0, "device": "cpu", "dtype": "fp32", "num_threads": None, "loss_chunk_size": 1024}
 DEFAULTS = {
@@ -247,6 +251,12 @@ DEFAULTS = {
              "importance_sampling_level": "token", "epsilon": 0.2, "epsilon_high": None, "beta": 0.0,
              "scale_rewards": "group", "mask_truncated_completions": False, "dynamic_sampling": False,
              "lora_rank": None},
+    # torchtune's QAT: fake quantization from the first step unless fake_quant_after_n_steps; sft's keys
+    "qat": {**RUN_DEFAULTS, "fake_quant_after_n_steps": None, "lora_rank": None, "quantize_base": False,
+            "save_final_model": None, "batch_size": 2, "distributed": None, "tensor_parallel_dim": 1},
+    # PTQ rounds in the dtype the quantized model will compute in: bf16 unless asked
+    "quantize": {"device": "cpu", "dtype": "bf16", "num_threads": None, "seed": 0, "tokenizer": None,
+                 "dataset": None, "batch_size": 8, "loss_chunk_size": 1024},
 }
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.py") if not p.name.startswith("_"))
 
