@@ -97,7 +97,8 @@ def main() -> None:
     run("qat", training_config("qat", work / "qat", args), work)
     qat = run("evaluate", {
         "recipe": "evaluate", "output_dir": str(work / "eval_qat"), "device": "cpu", "dtype": "fp32", "num_threads": 2,
-        "model": {"_component_": "tunewright.training.quantize.load_quantized", "path": str(work / "qat" / "quantized")},
+        "model": {"_component_": "tunewright.training.quantize.load_quantized",
+                  "path": str(work / "qat" / "quantized")},
         "tokenizer": {"_component_": "tunewright.data.tokenizer.load_tokenizer", "path": str(QUICKSTART / "model"),
                       "max_seq_len": 64},
         "dataset": {"_component_": "tunewright.data.sft_dataset", "format": "chat", "max_seq_len": 64,

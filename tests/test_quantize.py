@@ -1,8 +1,8 @@
 """training/quantize.py: torchao's QAT and PTQ as transforms of our generic decoder (the tiny
 Llama), against independent references: after `convert` the model computes bit for bit what the
 fake-quantized one did and what torchao's PTQ of the same weights does (fp32 and bf16, both CPU
-schemes, with and without quantized embeddings; with LoRA, PTQ of the merged weights); the rounding is the symmetric per-group int4
-formula written out here; the saved quantized model reloads to the same logits; bad inputs are
+schemes, with and without quantized embeddings; with LoRA, PTQ of the merged weights); the
+rounding is the symmetric per-group int4 formula written out here; the saved quantized model reloads to the same logits; bad inputs are
 one line each."""
 
 from __future__ import annotations

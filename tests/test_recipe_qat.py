@@ -133,7 +133,7 @@ def test_ptq_export_loads_in_generate(tmp_path: Path) -> None:
 @pytest.mark.parametrize("overrides,match", [
     (["quantization.scheme=int4_weight_only_cuda"], "quantization.scheme: int4_weight_only_cuda runs on CUDA only"),
     (["lora_rank=8", "quantize_base=true"], "quantize_base: QAT on a QLoRA NF4 base is not possible"),
-    (["lora_rank=8", "lora_dropout=0.1"], "QAT with LoRA fake-quantizes the merged weight, which needs lora_dropout: 0"),
+    (["lora_rank=8", "lora_dropout=0.1"], "fake-quantizes the merged weight, which needs lora_dropout: 0"),
     (["distributed=true", "tensor_parallel_dim=2"], "tensor_parallel_dim: QAT shards with FSDP2 only"),
 ])
 def test_bad_inputs_are_one_line(tmp_path: Path, overrides: list[str], match: str) -> None:

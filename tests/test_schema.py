@@ -218,7 +218,8 @@ MINIMAL = {
     "qat": {"recipe": "qat", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER, "dataset": DATASET,
             "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4},
             "quantization": {"scheme": "int8_dynamic_act_int4_weight"}},
-    "quantize": {"recipe": "quantize", "output_dir": "/o", "model": MODEL, "quantization": {"scheme": "int4_weight_only"}},
+    "quantize": {"recipe": "quantize", "output_dir": "/o", "model": MODEL,
+                 "quantization": {"scheme": "int4_weight_only"}},
 }
 RUN_DEFAULTS = {"seed": 0, "device": "cpu", "dtype": "fp32", "num_threads": None, "loss_chunk_size": 1024}
 DEFAULTS = {
