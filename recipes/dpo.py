@@ -122,7 +122,7 @@ def main(cfg: Config) -> list[dict]:
         elif lora:
             reference = Reference.adapters_off(model, **logp_options)
         else:
-            reference = Reference.frozen(place.load_model(cfg.model), **logp_options)
+            reference = Reference.frozen(place.load_model(cfg.model, frozen_dtype=place.dtype), **logp_options)
 
         def objective(batch: dict, kl: Any = None) -> tuple[Any, dict]:
             logps, counts = sequence_logprobs(model, batch, **logp_options)

@@ -204,6 +204,9 @@ MINIMAL = {
     "generate": {"recipe": "generate", "model": MODEL, "tokenizer": TOKENIZER, "prompt": "Hi"},
     "evaluate": {"recipe": "evaluate", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER,
                  "dataset": DATASET},
+    "dpo": {"recipe": "dpo", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER,
+            "dataset": {"_component_": "tunewright.data.preference.preference_dataset", "source": "/p.jsonl"},
+            "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-6}},
     "reward_model": {"recipe": "reward_model", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER,
                      "dataset": {"_component_": "tunewright.data.preference.preference_dataset", "source": "/p.jsonl"},
                      "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4}},
@@ -238,6 +241,11 @@ DEFAULTS = {
                  "dtype": "fp32", "num_threads": None, "compile": False},
     "evaluate": {**RUN_DEFAULTS, "adapter": None, "batch_size": 8, "answer_column": "answer", "task": None,
                  "max_new_tokens": 32, "max_answers": None, "generate_batch_size": 64, "compile": False},
+    # TRL 1.16's DPOConfig (beta 0.1, sigmoid loss, no label smoothing), CPOConfig's SimPO gamma 0.5,
+    # KTOConfig's weights 1.0; the live reference unless precompute_ref_logps.
+    "dpo": {**RUN_DEFAULTS, "loss": "dpo", "beta": 0.1, "label_smoothing": 0.0, "robust": False, "gamma": 0.5,
+            "desirable_weight": 1.0, "undesirable_weight": 1.0, "precompute_ref_logps": False, "lora_rank": None,
+            "padding_free": True},
     # TRL's RewardConfig: no centring unless asked (it suggests 0.01); LoRA and saving as sft.
     "reward_model": {**RUN_DEFAULTS, "center_rewards_coefficient": None, "lora_rank": None, "save_final_model": None,
                      "save_adapter": True, "padding_free": True, "clip_grad_norm": 1.0},
