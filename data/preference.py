@@ -41,7 +41,7 @@ from tunewright.data.sources import load_rows
 from tunewright.data.tokenizer.base import IGNORE_INDEX, Message, TokenCount, Tokenizer
 from tunewright.data.tokenizer.chat import ChatTemplateError
 
-_FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "role", "content")
+_FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "margin", "role", "content")
 Answer = list[Message]
 
 
@@ -260,10 +260,21 @@ def collate_pairs(items: Sequence[Mapping[str, Any]], *, pad_id: int, padding_fr
             for side in ("chosen", "rejected") for item in items]
     batch = _collate_rows(rows, pad_id, padding_free)
     batch["num_pairs"] = len(items)
-    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+    for key in ("ref_chosen_logps", "ref_rejected_logps", "margin"):  # margin: reward models
         if key in items[0]:
             batch[key] = torch.tensor([item[key] for item in items], dtype=torch.float32)
     return batch
+
+
+def _margin(row: Mapping[str, Any], column: str, where: str) -> float | None:
+    """TRL's optional `margin` column (how much better chosen is: a reward model's
+    Bradley-Terry margin), a number; None without the column."""
+    if column not in row or row[column] is None:
+        return None
+    value = row[column]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise DataError(f"{where}: column '{column}' holds {value!r}; a margin must be a number")
+    return float(value)
 
 
 class _Tokenized(torch.utils.data.Dataset):
@@ -325,20 +336,24 @@ class PreferenceDataset(_Tokenized):
                             "nothing to prefer; fix or remove the row")
         prompt_ids, chosen_ids, chosen_mask = self._rows.encode(index, prompt, chosen)
         _, rejected_ids, rejected_mask = self._rows.encode(index, prompt, rejected)
+        margin = _margin(row, columns.get("margin", "margin"), f"{self.source} row {index}")
         fitted = self._rows.fit(prompt_ids, [(chosen_ids, chosen_mask), (rejected_ids, rejected_mask)])
         if fitted is not None:
             (c_tokens, c_labels), (r_tokens, r_labels) = fitted
-            self._items.append((c_tokens, c_labels, r_tokens, r_labels))
+            self._items.append((c_tokens, c_labels, r_tokens, r_labels, margin))
 
     @property
     def lengths(self) -> list[int]:
         """Tokens of each pair (chosen + rejected), for length-grouped sampling."""
-        return [len(c) + len(r) for c, _, r, _ in self._items]
+        return [len(c) + len(r) for c, _, r, _, _ in self._items]
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        chosen, chosen_labels, rejected, rejected_labels = self._items[index]
-        return {"chosen_tokens": chosen.tolist(), "chosen_labels": chosen_labels,
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        chosen, chosen_labels, rejected, rejected_labels, margin = self._items[index]
+        item = {"chosen_tokens": chosen.tolist(), "chosen_labels": chosen_labels,
                 "rejected_tokens": rejected.tolist(), "rejected_labels": rejected_labels}
+        if margin is not None:
+            item["margin"] = margin
+        return item
 
 
 def preference_dataset(

@@ -186,3 +186,21 @@ def test_training_batches_use_the_datasets_collate(tokenizer) -> None:
     batches = make_batches(PreferenceDataset(rows, tokenizer), pad_id=tokenizer.pad_id, batch_size=2, shuffle=False)
     batch = next(iter(batches))
     assert batch["num_pairs"] == 2 and batch["tokens"].shape[0] == 4
+
+
+def test_a_margin_column_reaches_the_batch_and_the_reward_models_loss(tokenizer) -> None:
+    """TRL's optional `margin` (reward modelling): kept per pair, a [B] tensor on the batch,
+    and with a margin of d the Bradley-Terry loss at r_c - r_r = d is ln 2."""
+    import math
+
+    from tunewright.recipes.reward_model import bradley_terry
+
+    rows = [{**CONVERSATIONAL, "score_gap": 1.5}, {**CONVERSATIONAL, "score_gap": -0.5}]
+    data = PreferenceDataset(rows, tokenizer, column_map={"margin": "score_gap"})
+    batch = collate_pairs([data[0], data[1]], pad_id=tokenizer.pad_id, padding_free=True)
+    assert batch["margin"].tolist() == [1.5, -0.5] and batch["margin"].dtype == torch.float32
+    loss = bradley_terry(torch.tensor([2.0, 0.0]), torch.tensor([0.5, 0.5]), margin=batch["margin"])
+    assert torch.allclose(loss, torch.full((2,), math.log(2.0)))
+    assert "margin" not in collate_pairs([PreferenceDataset([CONVERSATIONAL], tokenizer)[0]], pad_id=0)
+    with pytest.raises(DataError, match=r"row 0: column 'margin' holds 'big'; a margin must be a number"):
+        PreferenceDataset([{**CONVERSATIONAL, "margin": "big"}], tokenizer)
