@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from tunewright.training.errors import DEBUG_HINT, ERROR_DIR_ENV
 
@@ -51,10 +51,20 @@ def main(argv: Sequence[str]) -> int:
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_NoUserErrorReport())
     args = list(argv)
     # torchrun's own handlers would replace ours for these signals (older torch always does).
+    previous = {}
     if any(f.name == "signals_to_handle" for f in dataclasses.fields(LaunchConfig)):
+        previous = {sig: signal.getsignal(sig) for sig in QUIET_SIGNALS}
         for sig in QUIET_SIGNALS:
             signal.signal(sig, stop)
         args = ["--signals_to_handle", "SIGHUP,SIGQUIT", *args]
+    try:
+        return _launch(torchrun, args, ChildFailedError, SignalException)
+    finally:  # called in-process (the Python API, tests): leave the caller's handlers as they were
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _launch(torchrun: Any, args: list[str], ChildFailedError: type, SignalException: type) -> int:
     with tempfile.TemporaryDirectory(prefix="tunewright-errors-") as errors:
         os.environ[ERROR_DIR_ENV] = errors  # the workers inherit it
         try:

@@ -169,8 +169,11 @@ def interrupt(argv: list[str], cwd: Path, *, group: bool, timeout: float = 300) 
     tune = Path(sys.executable).parent / "tune"
     env = {**{k: v for k, v in os.environ.items() if k != "TUNEWRIGHT_DEBUG"},
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # SIGINT at its default, as a terminal's foreground job has it: an ignored SIGINT is inherited
+    # through exec (and respected, as by any program), and a test worker may carry one.
     proc = subprocess.Popen([str(tune), *argv], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
     watchdog.start()
     try:
