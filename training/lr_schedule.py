@@ -33,3 +33,34 @@ def constant_with_warmup(
 ) -> LambdaLR:
     del num_training_steps  # same signature as the others so configs can swap them
     return LambdaLR(optimizer, lambda step: min(1.0, step / max(1, num_warmup_steps)) if num_warmup_steps else 1.0)
+
+
+def rex_with_warmup(
+    optimizer: Optimizer,
+    *,
+    num_training_steps: int,
+    num_warmup_steps: int = 0,
+    min_lr_ratio: float = 0.0,
+    rex_beta: float = 0.5,
+) -> LambdaLR:
+    """Linear warm-up from 0, then REX decay (Chen, Wolfe & Kyrillidis, MLSys 2022, arXiv 2107.04197).
+
+    With progress z = (step - warmup) / (total - warmup), the paper's schedule is
+        lr(z) = lr0 * (1 - z) / (1/2 + 1/2 * (1 - z))
+    i.e. `rex_beta = 0.5` in  (1 - z) / ((1 - beta) + beta * (1 - z)). It falls more slowly than
+    linear early and faster at the end. Axolotl's `rex` scheduler is this family with beta 0.9
+    (its `rex_alpha=0.1, rex_beta=0.9`); pass `rex_beta: 0.9` to get its curve. `min_lr_ratio`
+    lifts the floor the way `cosine_with_warmup`'s does.
+    """
+    if not 0.0 < rex_beta <= 1.0:
+        raise ValueError(f"lr_scheduler.rex_beta must be in (0, 1], got {rex_beta}")
+
+    def factor(step: int) -> float:
+        if step < num_warmup_steps:
+            return step / max(1, num_warmup_steps)
+        progress = min(1.0, (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps))
+        remaining = 1.0 - progress
+        rex = remaining / ((1.0 - rex_beta) + rex_beta * remaining)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * rex
+
+    return LambdaLR(optimizer, factor)
