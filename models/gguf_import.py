@@ -28,15 +28,10 @@ import numpy as np
 from tunewright.models.gguf_file import SUPPORTED_TYPES, GGUFFile, read_gguf
 from tunewright.models.gguf_tokenizer import hf_tokenizer_files, special_ids
 
-# GGUF tensor name (in blk.N) -> HF name (in model.layers.N).
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_ROPE_FREQS = "rope_freqs.weight"
+from tunewright.models.gguf_names import LAYER_NAMES as _LAYER_NAMES
+from tunewright.models.gguf_names import ROPE_FREQS as _ROPE_FREQS
+from tunewright.models.gguf_names import TOP_NAMES as _TOP_NAMES
+
 # --dtype -> (safetensors dtype, torch_dtype in config.json)
 DTYPES = {"fp32": ("F32", "float32"), "bf16": ("BF16", "bfloat16")}
 _ITEMSIZE = {"F32": 4, "BF16": 2}  # bytes per value of each safetensors dtype we write
