@@ -189,10 +189,15 @@ def prompts_of(batch: dict[str, Any]) -> list[list[int]]:
     return prompts
 
 
-def check_same_vocabulary(student_model: dict[str, Any], teacher_model: dict[str, Any]) -> None:
+def check_same_vocabulary(student_model: dict[str, Any], teacher_model: dict[str, Any], *, key: str = "teacher_model",
+                          student: str = "student",
+                          why: str = "distillation compares the two models' next-token distributions id by id; "
+                                     "use a teacher of the student's tokenizer") -> None:
     """ValueError, before any weight loads, when the teacher's vocabulary is not the student's:
     another vocab_size in config.json, or a tokenizer.json mapping a token to another id. The
-    divergence compares the two models' distributions id by id, so they must mean the same."""
+    divergence compares the two models' distributions id by id, so they must mean the same.
+    `key`, `student` and `why` name other models that read one tokenizer's ids (PPO's policy and
+    its value model)."""
     import json
     from pathlib import Path
 
@@ -203,9 +208,8 @@ def check_same_vocabulary(student_model: dict[str, Any], teacher_model: dict[str
     if student_dir is None or teacher_dir is None:
         return  # a model built in code: its vocabulary shows in the logits' width
     if student_vocab != teacher_vocab:
-        raise ValueError(f"teacher_model: {teacher_dir / 'config.json'} has vocab_size {teacher_vocab}, the student's "
-                         f"{student_dir / 'config.json'} {student_vocab}: distillation compares the two models' "
-                         "next-token distributions id by id; use a teacher of the student's tokenizer")
+        raise ValueError(f"{key}: {teacher_dir / 'config.json'} has vocab_size {teacher_vocab}, the {student}'s "
+                         f"{student_dir / 'config.json'} {student_vocab}: {why}")
 
     def token_ids(directory: Path) -> dict[str, int] | None:
         path = directory / "tokenizer.json"
@@ -221,9 +225,8 @@ def check_same_vocabulary(student_model: dict[str, Any], teacher_model: dict[str
     if student_ids is None or teacher_ids is None or student_ids == teacher_ids:
         return
     token = next(t for t in sorted(set(student_ids) | set(teacher_ids)) if student_ids.get(t) != teacher_ids.get(t))
-    raise ValueError(f"teacher_model: {teacher_dir / 'tokenizer.json'} maps {token!r} to id {teacher_ids.get(token)}, the "
-                     f"student's {student_dir / 'tokenizer.json'} to {student_ids.get(token)}: distillation needs one "
-                     "tokenizer for both models")
+    raise ValueError(f"{key}: {teacher_dir / 'tokenizer.json'} maps {token!r} to id {teacher_ids.get(token)}, the "
+                     f"{student}'s {student_dir / 'tokenizer.json'} to {student_ids.get(token)}: {why}")
 
 
 def evaluate_distillation(student: nn.Module, batches: Any, loss_fn: Callable[[dict[str, Any]], DistillSums], *,

@@ -16,7 +16,7 @@ k1 = log π - log π_ref (unbiased, can be negative) or k3 = (r - 1) - log r, r 
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
 
@@ -77,15 +77,19 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True,
+                  reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """(x - mean) / sqrt(var + 1e-8) over the real tokens (unbiased variance, as TRL and
     OpenAI's lm-human-preferences); `shift_mean=False` keeps the mean (rewards whitening).
-    Padding comes back as 0."""
-    n = mask.sum()
+    Padding comes back as 0. `reduce` sums a tensor over the data-parallel ranks
+    (`batching.global_sum`): every rank then whitens with the whole batch's mean and variance,
+    as one process holding all the rows would."""
+    total = (lambda t: t) if reduce is None else reduce
+    n = total(mask.sum().to(x.dtype))
     if n < 2:
         raise ValueError("whitening needs at least 2 real tokens in the batch (raise the minibatch size)")
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1)
+    mean = total((x * mask).sum()) / n
+    var = total(((x - mean) ** 2 * mask).sum()) / (n - 1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
