@@ -218,9 +218,6 @@ MINIMAL = {
              "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4},
              "rewards": {"_component_": "tunewright.training.rewards.RewardSet",
                          "functions": [{"_component_": "tunewright.training.rewards.exact_match"}]}},
-    "qat": {"recipe": "qat", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER, "dataset": DATASET,
-            "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4},
-            "quantization": {"scheme": "int8_dynamic_act_int4_weight"}},
     "quantize": {"recipe": "quantize", "output_dir": "/o", "model": MODEL,
                  "quantization": {"scheme": "int4_weight_only"}},
 }
@@ -234,8 +231,11 @@ DEFAULTS = {
             "save_final_model": None, "progress_bar": True, "val_dataset": None, "lr_scheduler": None,
             "lora_rank": None, "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_targets": "all-linear",
             "save_adapter": True, "quantize_base": False, "use_dora": False, "distributed": None,
+            "init_lora_weights": True, "loftq_iter": 1,  # PEFT's LoraConfig / LoftQConfig defaults
             "tensor_parallel_dim": 1, "data_parallel_dim": None, "collective_timeout_minutes": 60,
-            "compile": False, "enable_activation_checkpointing": False, "optimizer_in_backward": False},
+            "compile": False, "enable_activation_checkpointing": False, "optimizer_in_backward": False,
+            # no QAT unless `quantization:`; then fake quantization from the first step (torchtune's QAT)
+            "quantization": None, "fake_quant_after_n_steps": None},
     "generate": {"adapter": None, "system_prompt": None, "chat": True, "max_new_tokens": 128,
                  "temperature": 0.0, "top_k": None, "top_p": None, "seed": None, "device": "cpu",
                  "dtype": "fp32", "num_threads": None, "compile": False},
@@ -260,9 +260,6 @@ DEFAULTS = {
              "importance_sampling_level": "token", "epsilon": 0.2, "epsilon_high": None, "beta": 0.0,
              "scale_rewards": "group", "mask_truncated_completions": False, "dynamic_sampling": False,
              "lora_rank": None},
-    # torchtune's QAT: fake quantization from the first step unless fake_quant_after_n_steps; sft's keys
-    "qat": {**RUN_DEFAULTS, "fake_quant_after_n_steps": None, "lora_rank": None, "quantize_base": False,
-            "save_final_model": None, "batch_size": 2, "distributed": None, "tensor_parallel_dim": 1},
     # PTQ rounds in the dtype the quantized model will compute in: bf16 unless asked
     "quantize": {"device": "cpu", "dtype": "bf16", "num_threads": None, "seed": 0, "tokenizer": None,
                  "dataset": None, "batch_size": 8, "loss_chunk_size": 1024},

@@ -17,6 +17,13 @@ def add_lora(model: nn.Module, cfg: Any) -> list[str]:
     adapted = apply_lora(model, targets=cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                          dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
                          experts=cfg.lora_experts)
+    if getattr(cfg, "init_lora_weights", True) == "loftq":
+        from tunewright.modules.peft.loftq import apply_loftq
+
+        if not cfg.quantize_base:
+            raise ValueError("init_lora_weights: loftq initialises adapters for an NF4 base: set "
+                             "quantize_base: true (QLoRA), or init_lora_weights: true")
+        apply_loftq(model, num_iter=cfg.loftq_iter)
     if has_peft_format(model):
         adapter_groups(model)
     return adapted
@@ -40,4 +47,11 @@ def peft_adapter_ok(model: nn.Module, cfg: Any) -> bool:
     if not ok and cfg.save_adapter and dist.is_main():
         print("save_adapter: no PEFT adapter is written, PEFT's format cannot hold LoRA on "
               "mixture-of-experts experts yet; save_final_model=true writes the merged model")
+    if ok and getattr(cfg, "init_lora_weights", True) == "loftq":
+        # The adapter corrects LoftQ's NF4 base, not the checkpoint's weights: on the original
+        # model it would add that correction to weights that never had the error.
+        if cfg.save_adapter and dist.is_main():
+            print("save_adapter: no PEFT adapter is written, a LoftQ adapter belongs to its NF4 base, "
+                  "not to the checkpoint; the merged model is written (unless save_final_model: false)")
+        return False
     return ok

@@ -222,9 +222,10 @@ class Placement:
         """A training run's exports into `run.output_dir`: the LoRA adapter (`adapter/`, PEFT
         format) when `write_adapter` and `save_adapter`; the model in Hugging Face format when
         `save_final_model` (null: yes for full fine-tuning, no with LoRA, whose adapter is the
-        result), as `final/`, or `merged/` with the adapters folded in."""
+        result, unless no adapter can be written), as `final/`, or `merged/` with the adapters
+        folded in."""
         lora = getattr(cfg, "lora_rank", None) is not None
-        save_final = cfg.save_final_model if cfg.save_final_model is not None else not lora
+        save_final = cfg.save_final_model if cfg.save_final_model is not None else not (lora and write_adapter)
         if write_adapter and cfg.save_adapter:
             self.save_adapter(model, run.output_dir / "adapter")
         if save_final:

@@ -113,4 +113,8 @@ class LoRAConfig:
     # gate/up/down of a mixture-of-experts layer: an adapter per expert, one shared, or none
     lora_experts: Literal["per_expert", "shared"] | None = needs("lora_rank", "per_expert")
     quantize_base: bool = needs("lora_rank", False)  # QLoRA: frozen base weights of adapted layers in NF4
+    # PEFT's names: true starts B = 0; loftq picks the NF4 base and A, B together so that base + BA
+    # is close to the checkpoint's W (modules/peft/loftq.py), `loftq_iter` alternations.
+    init_lora_weights: Literal[True, "loftq"] = needs("lora_rank", True)
+    loftq_iter: PositiveInt = needs("lora_rank", 1)
     save_adapter: bool = needs("lora_rank", True)  # the PEFT adapter in <output_dir>/adapter
