@@ -14,14 +14,26 @@ backward, optimizer step, logging, evaluation, checkpoints), export. Every mecha
 one call into `tunewright.training`. Copy it (`tune cp sft my_sft.py`, then
 `tune run my_sft.py --config ...`) to change the loss, log a metric, add a model or a phase:
 see the README's "Change the algorithm".
+
+Quantization-aware training is this recipe with a `quantization:` node (`tune run qat` and
+torchtune's QAT recipe names run it too): right after loading, every linear layer (and the
+embeddings, with `quantization.embeddings`) computes with its weights, and for the dynamic
+schemes its activations, rounded to the target format and back (torchao's fake quantization,
+`training/quantize.py`); `fake_quant_after_n_steps: N` trains the first N steps without
+rounding; at the end the model is quantized for real into `quantized/` (torchao's tensors,
+loadable by `generate`/`evaluate`) and `dequantized/` (Hugging Face format). Full or LoRA (an
+adapted layer fake-quantizes its merged weight W + s*BA, the weight that is deployed), one
+device or FSDP2; a QLoRA NF4 base and tensor parallelism are refused.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 from tunewright.training.entry import recipe_main
 from tunewright.training.parallel import ParallelConfig
+from tunewright.training.schema import Range
 from tunewright.training.train_config import LoRAConfig, TrainConfig
 
 
@@ -30,6 +42,12 @@ class Config(TrainConfig, LoRAConfig, ParallelConfig):
     # Step each weight as soon as its gradient is ready and free that gradient: full gradients
     # never exist at once. Needs gradient_accumulation_steps: 1 and clip_grad_norm: null.
     optimizer_in_backward: bool = False
+    # Quantization-aware training: {scheme: int8_dynamic_act_int4_weight | int4_weight_only |
+    # int4_weight_only_cuda | float8_dynamic_act_float8_weight | float8_dynamic_act_int4_weight,
+    # group_size: 32, embeddings: false} (training/quantize.py); null: plain training.
+    quantization: dict[str, Any] | None = None
+    # QAT: the first N steps train without fake quantization (torchtune's key); null: from step 1.
+    fake_quant_after_n_steps: Annotated[int, Range(ge=0, hint="null: from the first step")] | None = None
 
 
 def main(cfg: Config) -> list[dict]:
@@ -48,6 +66,7 @@ def main(cfg: Config) -> list[dict]:
     from tunewright.training.optim import build_optimizer, optimizer_step
     from tunewright.training.optim_in_backward import check_optimizer_in_backward
     from tunewright.training.placement import Placement
+    from tunewright.training.quantize import export_qat, prepare_qat, qat_from_config, set_fake_quant
     from tunewright.training.run import Run
     from tunewright.training.setup import seed_everything
     from tunewright.training.state import TrainState
@@ -55,20 +74,24 @@ def main(cfg: Config) -> list[dict]:
     # ------------------------------------------------------------------ set-up
     if cfg.optimizer_in_backward:
         check_optimizer_in_backward(cfg)
+    qat = qat_from_config(cfg)  # the `quantization:` node (quantization-aware training) or None
     seed_everything(cfg.seed)
     with Placement(cfg) as place:  # this device, or FSDP2 shards over torchrun's processes
         run = Run.from_config(cfg, checkpointer=place.checkpointer())
         device = place.device
+        if qat:
+            qat.check_device(device)  # GPU-only schemes: one line elsewhere
 
         # -------------------------------------------------------------- data (before the model: a
         # bad file or column fails in seconds, not after minutes of loading weights)
         _, train, val = build_data(cfg)
         data = StepBatches.from_config(train, cfg)  # the micro-batches of each step, epoch by epoch
 
-        # -------------------------------------------------------------- model (+ LoRA adapters)
+        # -------------------------------------------------------------- model (+ LoRA adapters, QAT)
         lora = cfg.lora_rank is not None
         model = place.load_model(cfg.model, adapt=partial(add_lora, cfg=cfg) if lora else None,
-                                 quantize_base=lora and cfg.quantize_base)
+                                 quantize_base=lora and cfg.quantize_base,
+                                 convert=partial(prepare_qat, node=qat) if qat else None)
         write_adapter = lora and peft_adapter_ok(model, cfg)
 
         # -------------------------------------------------------------- optimizer, schedule, state
@@ -82,6 +105,8 @@ def main(cfg: Config) -> list[dict]:
         # -------------------------------------------------------------- the loop
         model.train()
         for step in run.steps(data.total_steps):
+            if qat:  # from the step number, so a resumed run switches where the uninterrupted one did
+                set_fake_quant(model, step > (cfg.fake_quant_after_n_steps or 0))
             micro_batches = data.next()
             num_targets = target_count(micro_batches, device=device)  # this step's, on every rank
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -106,7 +131,10 @@ def main(cfg: Config) -> list[dict]:
                 run.save(state, export=export)
 
         # -------------------------------------------------------------- export
-        place.save_results(model, run, cfg, write_adapter=write_adapter)  # adapter/, final/ or merged/
+        if qat:  # adapter/, quantized/ (torchao's), dequantized/ (Hugging Face format)
+            export_qat(place, model, qat, run, cfg, write_adapter=write_adapter)
+        else:
+            place.save_results(model, run, cfg, write_adapter=write_adapter)  # adapter/, final/ or merged/
         run.close()
         return run.history
 

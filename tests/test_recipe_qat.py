@@ -1,4 +1,4 @@
-"""recipes/qat.py and recipes/quantize.py on the tiny configs, against independent runs: the
+"""QAT (recipes/sft.py with `quantization:`) and recipes/quantize.py on the tiny configs, against independent runs: the
 QAT run's loss falls (full and LoRA) and its quantized export equals torchao's PTQ of its own
 trained (LoRA: merged) weights
 (and reloads to the held-out loss it logged); with `fake_quant_after_n_steps` the first N steps
@@ -19,7 +19,7 @@ from tunewright.training.entry import run_recipe_file
 pytest.importorskip("torchao")
 
 REPO = Path(__file__).resolve().parent.parent
-QAT, SFT = REPO / "recipes" / "qat.py", REPO / "recipes" / "sft.py"
+QAT = SFT = REPO / "recipes" / "sft.py"  # QAT is sft with a `quantization:` node
 PTQ = REPO / "recipes" / "quantize.py"
 QAT_CFG, SFT_CFG = REPO / "configs" / "llama" / "tiny_qat.yaml", REPO / "configs" / "llama" / "tiny_full.yaml"
 PTQ_CFG = REPO / "configs" / "llama" / "tiny_quantize.yaml"

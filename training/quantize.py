@@ -371,24 +371,48 @@ def save_quantized_outputs(model: nn.Module, q: Quantization, output_dir: str | 
     print(f"saved its dequantized copy (Hugging Face format) to {out}", flush=True)
 
 
-def export_qat(place: Any, model: nn.Module, q: Quantization, output_dir: str | Path, *,
-               source_dir: str | Path | None, save_final: bool) -> None:
-    """A QAT run's exports. One device: the prepared model is converted in place. FSDP2: the
-    trained weights are gathered into `final/` (written anyway), and rank 0 quantizes them with
-    the base config: the same numbers, as PTQ of the trained weights equals converting the
+def qat_from_config(cfg: Any) -> Quantization | None:
+    """The training recipe's `quantization:` node checked, or None for plain training.
+    Refused in one line: tensor parallelism (a row-sharded weight
+    would split its quantization groups), a QLoRA NF4 base (fake quantization needs the
+    full-precision weights), `fake_quant_after_n_steps` without `quantization`."""
+    node = getattr(cfg, "quantization", None)
+    if node is None:
+        if getattr(cfg, "fake_quant_after_n_steps", None) is not None:
+            raise ValueError("fake_quant_after_n_steps: set only for quantization-aware training; add "
+                             "quantization: {scheme: int8_dynamic_act_int4_weight} or remove the key")
+        return None
+    q = Quantization.from_node(node)
+    if getattr(cfg, "tensor_parallel_dim", 1) > 1:
+        raise ValueError("tensor_parallel_dim: QAT shards with FSDP2 only for now; set tensor_parallel_dim: 1")
+    if getattr(cfg, "lora_rank", None) is not None and getattr(cfg, "quantize_base", False):
+        raise ValueError("quantize_base: QAT on a QLoRA NF4 base is not possible: fake quantization needs "
+                         "the full-precision base weights; set quantize_base: false")
+    return q
+
+
+def export_qat(place: Any, model: nn.Module, q: Quantization, run: Any, cfg: Any, *, write_adapter: bool) -> None:
+    """A QAT run's exports into `run.output_dir`: the LoRA adapter (trained through the
+    rounding; `adapter/`, with `save_adapter`), torchao's `quantized/` and the HF
+    `dequantized/`; `final/` (`merged/` with LoRA) only with `save_final_model: true` (the
+    quantized model is the result) or under FSDP2. One device: the prepared model is converted
+    in place. FSDP2: the trained weights are gathered into `final/`, and rank 0 quantizes them
+    with the base config: the same numbers, as PTQ of the trained weights equals converting the
     fake-quantized model bit for bit (tests/test_quantize.py)."""
     from tunewright.models import load_pretrained
+    from tunewright.modules.peft.apply import lora_modules
     from tunewright.training import distributed as dist
 
-    output_dir = Path(output_dir)
-    from tunewright.modules.peft.apply import lora_modules
-
+    output_dir = Path(run.output_dir)
+    if write_adapter and cfg.save_adapter:
+        place.save_adapter(model, output_dir / "adapter")
     lora = next(lora_modules(model), None) is not None
-    if save_final or place.distributed:
-        place.save_model(model, output_dir / ("merged" if lora else "final"), merge=lora)
+    final = output_dir / ("merged" if lora else "final")
+    if cfg.save_final_model is True or place.distributed:
+        place.save_model(model, final, merge=lora)
     if place.distributed:
         if not dist.is_main():
             return
-        model = load_pretrained(output_dir / ("merged" if lora else "final"), dtype=place.dtype, device=place.device)
+        model = load_pretrained(final, dtype=place.dtype, device=place.device)
     sizes = quantize_for_export(model, q, dtype=place.dtype, convert=not place.distributed)
-    save_quantized_outputs(model, q, output_dir, source_dir=source_dir, dtype=place.dtype, sizes=sizes)
+    save_quantized_outputs(model, q, output_dir, source_dir=cfg.model.get("path"), dtype=place.dtype, sizes=sizes)

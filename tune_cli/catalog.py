@@ -42,7 +42,8 @@ ALIASES = {
     "grpo_full_finetune_distributed": "grpo",  # torchtune's dev/ GRPO recipe
     "knowledge_distillation_single_device": "knowledge_distillation",
     "knowledge_distillation_distributed": "knowledge_distillation",
-    "qat_single_device": "qat", "qat_distributed": "qat", "qat_lora_finetune_distributed": "qat",
+    # Quantization-aware training is sft with a `quantization:` node.
+    "qat": "sft", "qat_single_device": "sft", "qat_distributed": "sft", "qat_lora_finetune_distributed": "sft",
 }
 
 
@@ -143,9 +144,14 @@ def cmd_ls(args) -> int:
             print(f"{'':<{width}}{name}")
     if not rows:
         print(f"(nothing shipped under {ROOT})")
-    aliased = sorted(a for a, r in ALIASES.items() if r in shipped_recipes and a not in shipped_recipes)
-    if aliased:
-        print(f"\ntorchtune's names run `{ALIASES[aliased[0]]}`: {', '.join(aliased)}")
+    aliases: dict[str, list[str]] = {}  # recipe -> the other names that run it
+    for alias, target in sorted(ALIASES.items()):
+        if target in shipped_recipes and alias not in shipped_recipes:
+            aliases.setdefault(target, []).append(alias)
+    if aliases:
+        print("\nOther names (torchtune's, and qat):")
+        for target, names in sorted(aliases.items()):
+            print(f"  {', '.join(names)} -> {target}")
     return 0
 
 
