@@ -1,5 +1,5 @@
-"""A tqdm progress bar over optimizer steps (ETA) with the last logged loss and tokens/s; a
-silent stand-in on other ranks."""
+"""A tqdm progress bar over optimizer steps (ETA) with the last logged loss, tokens/s and MFU
+(training/mfu.py); a silent stand-in on other ranks."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class _Bar:
             self._bar.update(1)
 
     def show(self, **postfix: str) -> None:
-        """Values shown beside the bar until the next call (e.g. loss, tok_s)."""
+        """Values shown beside the bar until the next call (e.g. loss, tok_s, mfu)."""
         if self._bar is not None:
             self._bar.set_postfix(postfix, refresh=False)
 

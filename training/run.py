@@ -39,6 +39,7 @@ from tunewright.training.checkpointing import (STATE_FILE, Export, LocalCheckpoi
                                                wants_resume)
 from tunewright.training.errors import ConfigError
 from tunewright.training.metrics import MetricsWriter, format_record, peak_rss_mb
+from tunewright.training.mfu import MFU
 from tunewright.training.nonfinite import NonFiniteError, check_finite_parameters, describe
 from tunewright.training.progress import _Bar, progress_bar
 from tunewright.training.resume_config import check_config_change, fingerprint
@@ -108,6 +109,7 @@ class Run:
         self._writer: MetricsWriter | None = None
         self._bar: _Bar | None = None
         self._step_start: float | None = None
+        self._mfu: MFU | None = None  # from the models resume() is given
         self._lock: Any = None
 
         def prepare() -> tuple[list[Path], list[str]]:
@@ -173,6 +175,10 @@ class Run:
         """Load the checkpoint `resume_from_checkpoint` names (auto: the latest complete one, if
         any) into `state`; returns the step it was taken after (0: a fresh start). One process
         falls back to the checkpoint before a latest one that fails to load."""
+        if dist.is_main() and state.models:  # the state's models give the FLOPs a token costs
+            self._mfu = MFU(state.models.values(), dtype=getattr(self.config, "dtype", "fp32"),
+                            tf32=getattr(self.config, "tf32", True))
+            self._say(self._mfu.describe())
         saved, errors = None, []
         for step_dir in self._candidates:
             if errors and self.config is not None:
@@ -279,6 +285,7 @@ class Run:
         if self._step_start is not None and "num_tokens" in record:
             elapsed = time.perf_counter() - self._step_start
             record.update(tokens_per_second=record["num_tokens"] / max(elapsed, 1e-9), step_time=elapsed)
+            record.update(self._mfu.record(record["tokens_per_second"]) if self._mfu else {})
         record.update(time=time.time(), peak_rss_mb=round(peak_rss_mb(), 1))
         self._metrics().log(record)
         bar = self._bar or progress_bar(total=0, enabled=dist.is_main(), show_bar=False)
@@ -286,6 +293,8 @@ class Run:
         shown = {k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if isinstance(record.get(k), float)}
         if isinstance(record.get("tokens_per_second"), float) and math.isfinite(record["tokens_per_second"]):
             shown["tok_s"] = f"{record['tokens_per_second']:.0f}"
+        if isinstance(record.get("mfu"), float):
+            shown["mfu"] = f"{100 * record['mfu']:.1f}%"
         bar.show(**shown)
         if self.history and self.history[-1]["step"] == self.step:
             self.history[-1].update(record)
