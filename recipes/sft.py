@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from tunewright.training.entry import recipe_main
+from tunewright.training.gguf_export import GGUFOutType, gguf_export_step
 from tunewright.training.parallel import ParallelConfig
 from tunewright.training.schema import Range
 from tunewright.training.train_config import LoRAConfig, TrainConfig
@@ -42,6 +43,9 @@ class Config(TrainConfig, LoRAConfig, ParallelConfig):
     # Step each weight as soon as its gradient is ready and free that gradient: full gradients
     # never exist at once. Needs gradient_accumulation_steps: 1 and clip_grad_norm: null.
     optimizer_in_backward: bool = False
+    # Also write the final model (LoRA: merged) as a GGUF file for llama.cpp / Ollama, beside it:
+    # f32 | f16 | bf16 | q8_0 (training/gguf_export.py); null: no GGUF.
+    export_gguf: GGUFOutType | None = None
     # Quantization-aware training: {scheme: int8_dynamic_act_int4_weight | int4_weight_only |
     # int4_weight_only_cuda | float8_dynamic_act_float8_weight | float8_dynamic_act_int4_weight,
     # group_size: 32, embeddings: false} (training/quantize.py); null: plain training.
@@ -76,6 +80,7 @@ def main(cfg: Config) -> list[dict]:
         check_optimizer_in_backward(cfg)
     qat = qat_from_config(cfg)  # the `quantization:` node (quantization-aware training) or None
     seed_everything(cfg.seed)
+    export_gguf = gguf_export_step(cfg)  # checked now: a model llama.cpp cannot hold fails before training
     with Placement(cfg) as place:  # this device, or FSDP2 shards over torchrun's processes
         run = Run.from_config(cfg, checkpointer=place.checkpointer())
         device = place.device
@@ -135,6 +140,7 @@ def main(cfg: Config) -> list[dict]:
             export_qat(place, model, qat, run, cfg, write_adapter=write_adapter)
         else:
             place.save_results(model, run, cfg, write_adapter=write_adapter)  # adapter/, final/ or merged/
+        export_gguf(place, model, run)  # export_gguf: final/ or merged/ as <dir>-<type>.gguf
         run.close()
         return run.history
 
