@@ -53,14 +53,25 @@ def export_gguf(model_dir: str | Path, out_type: str = "f16", output: str | Path
     `default_output`); returns the path. Every problem is a one-line `ValueError` raised before
     anything is written; an existing `output` is replaced only with `overwrite`."""
     from tunewright.models.gguf_vocab import read_vocab
+
+    model_dir = Path(model_dir)
+    family, args, arch = check_exportable(model_dir, out_type)
+    output = Path(output) if output is not None else default_output(model_dir, out_type)
+    if output.exists() and not overwrite:
+        raise ValueError(f"{output}: already exists (pass --force / overwrite=True to replace it)")
+    plan = _plan(model_dir, family, args, arch, OUT_TYPES[out_type][0])
+    vocab = read_vocab(model_dir, args.vocab_size)
+    _write(output, model_dir, arch, args, plan, vocab, file_type=OUT_TYPES[out_type][1])
+    return output
+
+
+def check_exportable(model_dir: str | Path, out_type: str) -> tuple[Any, ModelArgs, GGUFArch]:
+    """(family, args, llama.cpp architecture) of the model in `model_dir` from its config.json
+    alone (no weight is read), or the one-line reason it cannot be exported as `out_type`."""
     from tunewright.models.registry import model_args
 
     if out_type not in OUT_TYPES:
         raise ValueError(f"GGUF output type '{out_type}' is not one we write (use one of {', '.join(OUT_TYPES)})")
-    model_dir = Path(model_dir)
-    output = Path(output) if output is not None else default_output(model_dir, out_type)
-    if output.exists() and not overwrite:
-        raise ValueError(f"{output}: already exists (pass --force / overwrite=True to replace it)")
     family, args = model_args(model_dir)
     arch = ARCHS.get(family.name)
     if arch is None:
@@ -70,10 +81,7 @@ def export_gguf(model_dir: str | Path, out_type: str = "f16", output: str | Path
     if problem is not None:
         raise ValueError(f"{model_dir}: this {family.name} model has {problem}; llama.cpp's "
                          f"'{arch.arch}' cannot represent it")
-    plan = _plan(model_dir, family, args, arch, OUT_TYPES[out_type][0])
-    vocab = read_vocab(model_dir, args.vocab_size)
-    _write(output, model_dir, arch, args, plan, vocab, file_type=OUT_TYPES[out_type][1])
-    return output
+    return family, args, arch
 
 
 def _problem(arch: GGUFArch, a: ModelArgs) -> str | None:
