@@ -51,7 +51,7 @@ A config is code: its `_component_`s may name callables of tunewright, torch and
 """
 
 
-COMMAND_MODULES = ("convert_gguf", "export_gguf", "merge_lora", "chat", "quickstart", "plot")
+COMMAND_MODULES = ("convert_gguf", "export_gguf", "merge_lora", "chat", "quickstart", "plot", "estimate")
 
 
 class _Parser(argparse.ArgumentParser):
