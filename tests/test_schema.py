@@ -218,6 +218,11 @@ MINIMAL = {
              "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4},
              "rewards": {"_component_": "tunewright.training.rewards.RewardSet",
                          "functions": [{"_component_": "tunewright.training.rewards.exact_match"}]}},
+    "ppo": {"recipe": "ppo", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER,
+            "dataset": {"_component_": "tunewright.data.prompts.prompt_dataset", "source": "/d.jsonl"},
+            "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-6},
+            "rewards": {"_component_": "tunewright.training.rewards.RewardSet",
+                        "functions": [{"_component_": "tunewright.training.rewards.exact_match"}]}},
     "quantize": {"recipe": "quantize", "output_dir": "/o", "model": MODEL,
                  "quantization": {"scheme": "int4_weight_only"}},
 }
@@ -260,6 +265,12 @@ DEFAULTS = {
              "importance_sampling_level": "token", "epsilon": 0.2, "epsilon_high": None, "beta": 0.0,
              "scale_rewards": "group", "mask_truncated_completions": False, "dynamic_sampling": False,
              "lora_rank": None},
+    # TRL 1.16's PPOConfig defaults (kl_coef 0.05 k1, cliprange 0.2 both, vf_coef 0.1, γ 1, λ 0.95, 4 epochs,
+    # temperature 0.7), but max_new_tokens (TRL's response_length: 53) as grpo's; the value model from the policy
+    "ppo": {**RUN_DEFAULTS, "max_new_tokens": 256, "temperature": 0.7, "top_k": None, "top_p": None, "ppo_epochs": 4,
+            "num_minibatches": 1, "epsilon": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "kl_coef": 0.05,
+            "kl_estimator": "k1", "gamma": 1.0, "lam": 0.95, "whiten_rewards": False, "missing_eos_penalty": None,
+            "value_model": None, "value_optimizer": None, "ref_model": None, "reward_model": None, "lora_rank": None},
     # PTQ rounds in the dtype the quantized model will compute in: bf16 unless asked
     "quantize": {"device": "cpu", "dtype": "bf16", "num_threads": None, "seed": 0, "tokenizer": None,
                  "dataset": None, "batch_size": 8, "loss_chunk_size": 1024},
