@@ -265,8 +265,8 @@ DEFAULTS = {
              "importance_sampling_level": "token", "epsilon": 0.2, "epsilon_high": None, "beta": 0.0,
              "scale_rewards": "group", "mask_truncated_completions": False, "dynamic_sampling": False,
              "lora_rank": None},
-    # TRL 1.16's PPOConfig defaults (kl_coef 0.05 k1, cliprange 0.2 both, vf_coef 0.1, γ 1, λ 0.95, 4 epochs,
-    # temperature 0.7), but max_new_tokens (TRL's response_length: 53) as grpo's; the value model from the policy
+    # TRL's PPOConfig defaults (0.2x; TRL 1.x ships no PPO trainer): kl_coef 0.05 k1, cliprange 0.2 both, vf_coef 0.1,
+    # γ 1, λ 0.95, 4 epochs, temperature 0.7; but max_new_tokens (TRL's response_length: 53) as grpo's
     "ppo": {**RUN_DEFAULTS, "max_new_tokens": 256, "temperature": 0.7, "top_k": None, "top_p": None, "ppo_epochs": 4,
             "num_minibatches": 1, "epsilon": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "kl_coef": 0.05,
             "kl_estimator": "k1", "gamma": 1.0, "lam": 0.95, "whiten_rewards": False, "missing_eos_penalty": None,
