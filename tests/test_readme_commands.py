@@ -207,6 +207,11 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "tune run --nnodes '$SLURM_NNODES' --nproc_per_node 8 --rdzv_id '$SLURM_JOB_ID' --rdzv_backend c10d "
     "--rdzv_endpoint '$head:29500' sft --config llama3_1/70B_lora_distributed output_dir=/shared/runs/70b":
         cluster(**SLURM),
+    # README: watching a run
+    "tune run sft --config llama/tiny_lora "
+    "metric_logger._component_=tunewright.training.metric_loggers.TensorBoardLogger":
+        short_run(),
+    "tune plot ./run -o loss.png --smooth 0.6": with_lora_run(check=lambda cwd, r: (cwd / "loss.png").is_file() or pytest.fail()),
     # README: change the algorithm
     "tune run my_sft.py --config llama/tiny_lora": short_run("tune cp sft my_sft.py"),
     # tune --help

@@ -14,7 +14,8 @@
 What the recipe logs is its own business: `run.log` takes any keys (tensors are read only here,
 so a loop that logs every k steps waits for the device every k steps) and adds `step`, `time`
 and `peak_rss_mb`; a record with `num_tokens` also gets `tokens_per_second` and `step_time`,
-measured from the start of the step. Rank 0 writes; other ranks keep their history silently.
+measured from the start of the step, and `mfu` (training/mfu.py: the FLOPs of the models given
+to `resume`, over the device's peak). Rank 0 writes; other ranks keep their history silently.
 
 The output directory holds one run (`training/run_dir.py`): a lock keeps a second one out, the
 temporaries of a killed run are cleared, an earlier run is continued (resume), refused, or
@@ -154,6 +155,9 @@ class Run:
         # After the directory is ours: a logger may write files into it.
         run.metric_logger = instantiate(cfg.metric_logger, output_dir=cfg.output_dir)
         save_config(cfg, run.output_dir)
+        from tunewright.training.estimate import announce
+
+        announce(cfg)  # the memory the run needs, term by term, before any weight loads (rank 0)
         return run
 
     def _say(self, *lines: str) -> None:
