@@ -20,14 +20,15 @@ Mixture-of-experts weights count for the `top_k / num_experts` share a token vis
 Attention scores add PaLM's 12·L·d·T per token for a trained model (appendix B: QKᵀ and AV,
 2·T·d each forward, times 3 with backward), 4·L·d·T forward-only, with d = heads × head_dim and
 T the row length; `flops_per_token(..., seq_len=T)` includes them. The progress bar's MFU does
-not: a step reports its tokens, not its rows' lengths, so it is a lower bound that misses
-T/(6·d)·(12·L·d²/N) of the FLOPs (a few percent at T=512 on SmolLM2-135M). Generation inside a
+not: a step reports its tokens, not its rows' lengths, so it is a lower bound, short of the
+full count by 12·L·d·T / 6N (full fine-tune; 13% for SmolLM2-135M at T=512). Generation inside a
 step (GRPO/PPO rollouts) is not counted either.
 
 The peak is the device's dense matmul rate in the run's compute dtype: NVIDIA's datasheet for
 the GPUs in `PEAK_TFLOPS` (bf16/fp16, TF32, or FP32 as `dtype`/`tf32` ask), or, on CPU, a
 matmul probe measured once per process with the threads the run uses. `TUNEWRIGHT_PEAK_TFLOPS`
-overrides both (any device).
+overrides both (any device). Each rank's MFU is its own: its tokens per second (of its
+data-parallel shard) times the FLOPs per token, divided by the tensor-parallel degree.
 """
 
 from __future__ import annotations
@@ -149,8 +150,13 @@ class MFU:
     """mfu(tokens_per_second) for the models of a run's state, on their device."""
 
     def __init__(self, models: Iterable[nn.Module], *, dtype: str = "fp32", tf32: bool = True) -> None:
+        from tunewright.training import distributed as dist
+
         models = list(models)
-        self.flops_per_token = flops_per_token(models)
+        # Tensor parallelism splits each matmul over the ranks that see the same tokens: this
+        # rank does 1/tp of the FLOPs of the tokens it counts.
+        tensor_parallel = max(1, dist.world_size() // dist.data_world_size())
+        self.flops_per_token = flops_per_token(models) / tensor_parallel
         params = [p for m in models for p in m.parameters()]
         device = params[0].device if params else torch.device("cpu")
         self.peak, self.source = peak_flops(device, dtype, tf32=tf32)

@@ -93,9 +93,7 @@ def ema(values: list[float], weight: float) -> list[float]:
 def plot_runs(runs: dict[str, Series], keys: list[str], *, smooth: float = 0.0) -> Any:
     """A matplotlib Figure: one panel per key, one labelled line per run that logged the key
     (with `smooth`, the smoothed line is labelled and the raw one drawn faint without a label)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)  # no display; the same pixels everywhere
+    # A bare Figure, not pyplot: no display, no global state; savefig renders PNG with Agg.
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
