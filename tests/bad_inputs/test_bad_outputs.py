@@ -124,6 +124,12 @@ def adapter_edit(edit: Callable[[Path], None]) -> Callable[[Path], None]:
     return lambda tmp: edit(tmp / "adapter")
 
 
+def plot_empty_dir(tmp: Path) -> list[str]:
+    """`tune plot` of a directory that holds no metrics.jsonl (not a run's output_dir)."""
+    (tmp / "run").mkdir()
+    return ["plot", str(tmp / "run"), "-o", str(tmp / "loss.png")]
+
+
 # Fragments: `{tmp}` is the case's directory.
 CASES = [
     # -------------------------------------------------------------- outputs a user names
@@ -202,6 +208,8 @@ CASES = [
     Case("max_nonfinite_steps_zero", fresh("max_nonfinite_steps=0"), ["max_nonfinite_steps", ">= 1"], absent=["out"]),
     Case("diverging_run_as_a_process", fresh("optimizer.lr=1e10", "max_steps=4"), ["step 3: non-finite loss"],
          absent=["out/final"], subprocess=True),
+    # -------------------------------------------------------------- tune plot
+    Case("plot_of_a_directory_without_metrics", plot_empty_dir, ["run has no metrics.jsonl"], absent=["loss.png"]),
 ]
 
 
