@@ -195,6 +195,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "tune run reward_model --config llama/tiny_reward_lora": short_run(),
     "tune run grpo --config llama/tiny_grpo": short_run(),
     "tune run grpo --config llama/tiny_grpo loss_type=grpo importance_sampling_level=sequence beta=0.04": short_run(),
+    "tune run ppo --config llama/tiny_ppo_lora": short_run(),
+    "tune run ppo --config llama/tiny_ppo_full kl_estimator=k3": short_run(),
     # README: distillation
     "tune run knowledge_distillation --config llama/tiny_kd": short_run(),
     "tune run knowledge_distillation --config llama/tiny_on_policy_distill": short_run(),

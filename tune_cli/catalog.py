@@ -40,6 +40,7 @@ ALIASES = {
     "full_finetune_distributed": "sft", "lora_finetune_distributed": "sft",
     "lora_dpo_single_device": "dpo", "lora_dpo_distributed": "dpo", "full_dpo_distributed": "dpo",
     "grpo_full_finetune_distributed": "grpo",  # torchtune's dev/ GRPO recipe
+    "ppo_full_finetune_single_device": "ppo",  # torchtune's PPO recipe
     "knowledge_distillation_single_device": "knowledge_distillation",
     "knowledge_distillation_distributed": "knowledge_distillation",
     # Quantization-aware training is sft with a `quantization:` node.
