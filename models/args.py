@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-FULL, SLIDING = "full_attention", "sliding_attention"  # HF `layer_types` values
+FULL, SLIDING, CHUNKED = "full_attention", "sliding_attention", "chunked_attention"  # HF `layer_types` values
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,19 @@ class ModelArgs:
     mlp_bias: bool = False
     attn_out_bias: bool | None = None  # o_proj bias; None: as attn_bias (Qwen2: q/k/v only)
     # --- attention variants ---
-    qk_norm: bool = False  # RMSNorm on each q/k head before RoPE (Qwen3, Gemma-3)
+    qk_norm: bool = False  # RMSNorm on each q/k head before RoPE (Qwen3, Gemma-3), not on NoPE layers
+    qk_norm_weight: bool = True  # False: those norms have no learned weight (Llama 4)
     sliding_window: int | None = None  # keys within this many positions (incl. itself)
     layer_types: tuple[str, ...] | None = None  # per layer FULL or SLIDING; None: all FULL
     local_rope_base: float | None = None  # RoPE base of sliding layers (Gemma-3), unscaled
     rotary_dim: int | None = None  # partial rotary: RoPE on the first rotary_dim of a head
     attn_scale: float | None = None  # None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
     attn_softcap: float | None = None  # tanh soft-cap of attention scores (Gemma-2)
+    attn_chunk_size: int | None = None  # CHUNKED layers: keys only in the query's chunk (Llama 4)
+    nope_layers: tuple[int, ...] = ()  # layers without RoPE (Llama 4's global layers)
+    rope_interleaved: bool = False  # RoPE on adjacent pairs (Meta's complex form), not on halves
+    # NoPE layers' query temperature (floor_scale, scale), see modules/attention.py's LogTemperature
+    attn_temperature: tuple[float, float] | None = None
     # --- block and head variants ---
     activation: str = "silu"  # gated-MLP activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU)
     norm_offset: float = 0.0  # 1.0: Gemma's (1 + weight) RMSNorm
@@ -52,6 +58,9 @@ class ModelArgs:
     expert_dim: int | None = None  # hidden size of one expert; None: intermediate_dim
     norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to one
     dense_layers: tuple[int, ...] = ()  # layers that keep a dense MLP in an MoE model
+    router_scoring: str = "softmax"  # "sigmoid": each expert scored on its own (Llama 4)
+    router_weights_inputs: bool = False  # router weights scale the expert's input (Llama 4), not its output
+    shared_expert_dim: int | None = None  # an always-on expert of this hidden size in each MoE layer
     # --- score head (reward / value models, models/score.py); None: the LM head over the vocabulary ---
     num_labels: int | None = None
 
@@ -77,6 +86,13 @@ class ModelArgs:
         """The sliding window of layer i, or None for full causal attention."""
         return self.sliding_window if self.layer_type(i) == SLIDING else None
 
+    def chunk(self, i: int) -> int | None:
+        """The attention chunk of layer i, or None."""
+        return self.attn_chunk_size if self.layer_type(i) == CHUNKED else None
+
+    def has_rope(self, i: int) -> bool:
+        return i not in self.nope_layers
+
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts > 0 and i not in self.dense_layers
 
@@ -91,17 +107,17 @@ class ModelArgs:
             attn += hd * (self.num_heads + 2 * self.num_kv_heads)
         if self.resolved_out_bias:
             attn += self.dim
-        if self.qk_norm:
-            attn += 2 * hd
         dense = 3 * self.dim * self.intermediate_dim
         if self.mlp_bias:
             dense += 2 * self.intermediate_dim + self.dim
         moe = self.num_experts * 3 * self.dim * (self.expert_dim or self.intermediate_dim)
         moe += self.dim * self.num_experts  # router
+        moe += 3 * self.dim * (self.shared_expert_dim or 0)
         norms = (4 if self.sandwich_norms else 2) * self.dim
         total = 0
         for i in range(self.num_layers):
-            total += attn + norms + (moe if self.is_moe_layer(i) else dense)
+            qk_norms = 2 * hd if self.qk_norm and self.qk_norm_weight and self.has_rope(i) else 0
+            total += attn + qk_norms + norms + (moe if self.is_moe_layer(i) else dense)
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
         if self.num_labels is not None:
             head = self.num_labels * self.dim
@@ -144,6 +160,10 @@ def _shape_problems(a: ModelArgs) -> Iterator[str]:
     if a.sliding_window is not None and a.sliding_window < 1:
         yield f"sliding_window must be positive, got {a.sliding_window}"
     if a.layer_types is not None and (len(a.layer_types) != a.num_layers
-                                      or not set(a.layer_types) <= {FULL, SLIDING}):
-        yield (f"layer_types must list {FULL!r} or {SLIDING!r} for each of the {a.num_layers} "
-               f"layers, got {list(a.layer_types)}")
+                                      or not set(a.layer_types) <= {FULL, SLIDING, CHUNKED}):
+        yield (f"layer_types must list {FULL!r}, {SLIDING!r} or {CHUNKED!r} for each of the "
+               f"{a.num_layers} layers, got {list(a.layer_types)}")
+    if CHUNKED in (a.layer_types or ()) and not (isinstance(a.attn_chunk_size, int) and a.attn_chunk_size > 0):
+        yield f"attention_chunk_size must be a positive whole number for chunked layers, got {a.attn_chunk_size!r}"
+    if a.router_scoring not in ("softmax", "sigmoid"):
+        yield f"router scoring must be 'softmax' or 'sigmoid', got {a.router_scoring!r}"

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunewright.models.args import ModelArgs
-from tunewright.modules.attention import Attention
+from tunewright.modules.attention import Attention, LogTemperature
 from tunewright.modules.decoder import Decoder, DecoderLayer
 from tunewright.modules.mlp import GatedMLP
 from tunewright.modules.moe import MoE, Experts
-from tunewright.modules.norms import RMSNorm
+from tunewright.modules.norms import RMSNorm, UnitRMSNorm
 from tunewright.modules.rope import RotaryEmbedding
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -39,22 +39,41 @@ def _norm(args: ModelArgs, dim: int) -> RMSNorm:
     return RMSNorm(dim, eps=args.norm_eps, offset=args.norm_offset)
 
 
+def _gated_mlp(args: ModelArgs, hidden_dim: int) -> GatedMLP:
+    return GatedMLP(
+        gate_proj=nn.Linear(args.dim, hidden_dim, bias=args.mlp_bias),
+        up_proj=nn.Linear(args.dim, hidden_dim, bias=args.mlp_bias),
+        down_proj=nn.Linear(hidden_dim, args.dim, bias=args.mlp_bias),
+        activation=activation(args.activation),
+    )
+
+
 def build_mlp(args: ModelArgs, layer: int) -> nn.Module:
-    act = activation(args.activation)
     if args.is_moe_layer(layer):
         return MoE(
             router=nn.Linear(args.dim, args.num_experts, bias=False),
             experts=Experts(args.num_experts, args.dim, args.expert_dim or args.intermediate_dim,
-                            activation=act),
+                            activation=activation(args.activation)),
             top_k=args.experts_per_token,
             norm_topk_prob=args.norm_topk_prob,
+            scoring=args.router_scoring,
+            weight_inputs=args.router_weights_inputs,
+            shared_expert=_gated_mlp(args, args.shared_expert_dim) if args.shared_expert_dim else None,
         )
-    return GatedMLP(
-        gate_proj=nn.Linear(args.dim, args.intermediate_dim, bias=args.mlp_bias),
-        up_proj=nn.Linear(args.dim, args.intermediate_dim, bias=args.mlp_bias),
-        down_proj=nn.Linear(args.intermediate_dim, args.dim, bias=args.mlp_bias),
-        activation=act,
-    )
+    return _gated_mlp(args, args.intermediate_dim)
+
+
+def _qk_norm(args: ModelArgs, layer: int) -> nn.Module | None:
+    if not args.qk_norm or not args.has_rope(layer):
+        return None
+    return _norm(args, args.resolved_head_dim) if args.qk_norm_weight else UnitRMSNorm(eps=args.norm_eps)
+
+
+def _temperature(args: ModelArgs, layer: int) -> LogTemperature | None:
+    if args.attn_temperature is None or args.has_rope(layer):
+        return None
+    floor_scale, scale = args.attn_temperature
+    return LogTemperature(floor_scale=floor_scale, scale=scale)
 
 
 def build_layer(args: ModelArgs, layer: int = 0) -> DecoderLayer:
@@ -67,11 +86,15 @@ def build_layer(args: ModelArgs, layer: int = 0) -> DecoderLayer:
         k_proj=nn.Linear(args.dim, args.num_kv_heads * hd, bias=args.attn_bias),
         v_proj=nn.Linear(args.dim, args.num_kv_heads * hd, bias=args.attn_bias),
         o_proj=nn.Linear(args.num_heads * hd, args.dim, bias=args.resolved_out_bias),
-        q_norm=_norm(args, hd) if args.qk_norm else None,
-        k_norm=_norm(args, hd) if args.qk_norm else None,
+        q_norm=_qk_norm(args, layer),
+        k_norm=_qk_norm(args, layer),
         scale=args.attn_scale,
         sliding_window=args.window(layer),
         softcap=args.attn_softcap,
+        chunk_size=args.chunk(layer),
+        rope=args.has_rope(layer),
+        rope_interleaved=args.rope_interleaved,
+        temperature=_temperature(args, layer),
     )
     return DecoderLayer(
         attn=attn,

@@ -164,7 +164,7 @@ def iter_model_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, full tensor in `dtype`) for each of our parameters in `shapes`, one at a time,
     from the checkpoint in `model_dir`, through the family's weight map (renames, fused parts,
-    stacked experts). Every mismatch (unknown tensor, wrong shape, missing or doubled weight)
+    experts, one per tensor or all in one). Every mismatch (unknown tensor, wrong shape, missing or doubled weight)
     is one line naming the file and the tensor. A single process collects them all
     (`load_hf_weights`); a sharded model keeps a slice of each (`training/sharded_io.py`).
     With `num_labels`, the head is a score head (`score.weight`, `models/score.py`)."""
@@ -181,6 +181,8 @@ def iter_model_tensors(
         parts = [tuple(shapes[n]) for n in place.ours]
         if place.expert is not None:
             want = parts[0][1:]
+        elif place.transposed:  # [E, in, sum(out)] from our [E, out, in] parts
+            want = (parts[0][0], parts[0][2], sum(s[1] for s in parts))
         elif place.fused:
             want = (sum(s[0] for s in parts), *parts[0][1:])
         else:
@@ -201,6 +203,10 @@ def iter_model_tensors(
             if len(filled) == parts[0][0]:
                 seen.add(name)
                 yield name, stacks.pop(name)[0]
+        elif place.transposed:
+            for name, part in zip(place.ours, tensor.split([s[1] for s in parts], dim=-1)):
+                seen.add(name)
+                yield name, part.transpose(1, 2).contiguous()
         elif place.fused:
             for name, part in zip(place.ours, tensor.split([s[0] for s in parts])):
                 seen.add(name)

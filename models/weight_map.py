@@ -6,7 +6,11 @@ Three kinds of rule, all written as templates where `{}` stands for an index:
 - fused `(hf, (ours, ...))`: one HF tensor is ours concatenated along dim 0 (Phi-3's
   `qkv_proj` = q, k, v); the split sizes come from our parameters' shapes;
 - experts `(hf, ours)`: the HF template has a second `{}`, the expert; each HF tensor is one
-  slice `ours[e]` of our stacked expert weight (Mixtral, Qwen3-MoE).
+  slice `ours[e]` of our stacked expert weight (Mixtral, Qwen3-MoE);
+- stacked `(hf, (ours, ...))`: one HF tensor [E, in, sum(out)] holds all experts of our stacked
+  weights [E, out, in], transposed and side by side on its last dim (Llama 4's
+  `experts.gate_up_proj` = gate then up, and `experts.down_proj`, which transformers multiplies
+  as `x @ w` where `nn.Linear` computes `x @ w.T`).
 
 When our model is the text part of a larger checkpoint (multimodal Gemma-3), `aliases`
 `(prefix, canonical)` read HF names starting with `prefix` as if they started with `canonical`
@@ -42,6 +46,7 @@ class Placement:
 
     ours: tuple[str, ...]
     expert: int | None = None
+    transposed: bool = False  # stacked: ours [E, out, in] transposed, side by side on the last dim
 
     @property
     def fused(self) -> bool:
@@ -55,18 +60,21 @@ class WeightMap:
         *,
         fused: Sequence[tuple[str, Sequence[str]]] = (),
         experts: NamePairs = (),
+        stacked: Sequence[tuple[str, Sequence[str]]] = (),
         aliases: NamePairs = (),
         skip: Sequence[str] = (),
     ) -> None:
         self.pairs = list(pairs)
         self.fused = [(hf, tuple(ours)) for hf, ours in fused]
         self.experts = list(experts)
+        self.stacked = [(hf, tuple(ours)) for hf, ours in stacked]
         self.aliases = list(aliases)
         self.skip = tuple(skip)
         self._renames = [(_compile(hf), ours) for hf, ours in self.pairs]
         self._to_hf = [(_compile(ours), hf) for hf, ours in self.pairs]
         self._fused = [(_compile(hf), ours) for hf, ours in self.fused]
         self._experts = [(_compile(hf), ours) for hf, ours in self.experts]
+        self._stacked = [(_compile(hf), ours) for hf, ours in self.stacked]
 
     def canonical(self, hf_name: str) -> str:
         """`hf_name` with an alias prefix replaced by the name this map's rules are written in."""
@@ -88,6 +96,9 @@ class WeightMap:
         for pattern, templates in self._fused:
             if m := pattern.match(hf_name):
                 return Placement(tuple(_fill(t, *m.groups()) for t in templates))
+        for pattern, templates in self._stacked:
+            if m := pattern.match(hf_name):
+                return Placement(tuple(_fill(t, *m.groups()) for t in templates), transposed=True)
         for pattern, template in self._experts:
             if m := pattern.match(hf_name):
                 layer, expert = m.groups()
@@ -116,6 +127,10 @@ class WeightMap:
             return hf
         if group := self.fused_group(our_name):
             return group[0]
+        for hf, ours in self.stacked:
+            for t in ours:
+                if m := _compile(t).match(our_name):
+                    return _fill(hf, *m.groups())
         for hf, ours in self.experts:
             if m := _compile(ours).match(our_name):
                 return _fill(hf, *m.groups(), "*")
@@ -129,13 +144,16 @@ class WeightMap:
             if hf := self.to_hf(name):
                 out[hf] = tensor
                 used.add(name)
-        for hf, templates in self.fused:
-            first = _compile(templates[0])
-            for name in state:
-                if m := first.match(name):
-                    parts = [_fill(t, *m.groups()) for t in templates]
-                    out[_fill(hf, *m.groups())] = torch.cat([state[p] for p in parts])
-                    used.update(parts)
+        joins = [(self.fused, lambda ts: torch.cat(ts)),
+                 (self.stacked, lambda ts: torch.cat([t.transpose(1, 2) for t in ts], dim=-1))]
+        for rules, join in joins:
+            for hf, templates in rules:
+                first = _compile(templates[0])
+                for name in state:
+                    if m := first.match(name):
+                        parts = [_fill(t, *m.groups()) for t in templates]
+                        out[_fill(hf, *m.groups())] = join([state[p] for p in parts])
+                        used.update(parts)
         for hf, template in self.experts:
             pattern = _compile(template)
             for name, tensor in state.items():

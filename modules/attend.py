@@ -30,6 +30,9 @@ Kernels (`kernel_for` says which one a layer gets; `describe` logs it):
   express), causal/window/document masks applied explicitly.
 
 Sliding windows follow Hugging Face's convention: query i sees key j when 0 <= i - j < window.
+Chunked attention (Llama 4's local layers) splits each sequence into chunks of `chunk`
+positions: query i sees key j <= i of its own chunk, i // chunk == j // chunk, counted from the
+start of the sequence (packed documents by their own positions, `Layout.positions`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Layout:
     mask: torch.Tensor | None = None  # masked / chunked prefill: bool [b | 1, 1, s, kv], True = attend
     cache_pos: int = 0  # cached: where the queries start
     block_masks: dict = field(default_factory=dict)  # flex: one block mask per window, per forward
+    positions: torch.Tensor | None = None  # [b | 1, s] each query's position (RoPE's), set by the decoder
 
     @classmethod
     def varlen(cls, seq_lens: Sequence[int], device: torch.device | str) -> "Layout":
@@ -75,7 +79,7 @@ class Layout:
 
 
 def kernel_for(layout: Layout, device: torch.device, dtype: torch.dtype, query_len: int, *,
-               window: int | None, softcap: float | None) -> str:
+               window: int | None, softcap: float | None, chunk: int | None = None) -> str:
     """The kernel `attend` runs for this layout, layer and device (see the module docstring)."""
     cuda = device.type == "cuda"
     half = dtype in (torch.bfloat16, torch.float16)
@@ -84,9 +88,9 @@ def kernel_for(layout: Layout, device: torch.device, dtype: torch.dtype, query_l
             return "decode_grouped"
         return "flex" if cuda and softcap is not None else ("manual" if softcap is not None else "sdpa")
     if cuda:
-        if layout.kind == "varlen" and half and softcap is None:
+        if layout.kind == "varlen" and half and softcap is None and chunk is None:
             return "varlen_flash"
-        if softcap is not None or layout.kind == "varlen" or window is not None:
+        if softcap is not None or layout.kind == "varlen" or window is not None or chunk is not None:
             return "flex"
         return "sdpa"
     inner = "manual" if softcap is not None else "sdpa"
@@ -98,51 +102,73 @@ def kernel_for(layout: Layout, device: torch.device, dtype: torch.dtype, query_l
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
     scale: float | None = None, window: int | None = None, softcap: float | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """q [b, h, s, d], k/v [b, kv_heads, kv_len, d] (kv_len > s only from a cache) -> [b, h, s, d]."""
-    kernel = kernel_for(layout, q.device, q.dtype, q.shape[2], window=window, softcap=softcap)
+    kernel = kernel_for(layout, q.device, q.dtype, q.shape[2], window=window, softcap=softcap, chunk=chunk)
     if kernel == "varlen_flash":
         return _varlen_flash(q, k, v, layout, scale, window)
     if kernel == "flex":
-        return _flex(q, k, v, layout, scale, window, softcap)
+        return _flex(q, k, v, layout, scale, window, softcap, chunk)
     if kernel == "decode_grouped":
-        return _decode_grouped(q, k, v, scale, window, softcap, layout.mask)
+        return _decode_grouped(q, k, v, scale, window, softcap, layout.mask, chunk)
     if kernel.startswith("per_sequence"):
         lens = layout.seq_lens
         return torch.cat([
-            _dense(qs, ks, vs, None, scale, window, softcap, q_start=0)
+            _dense(qs, ks, vs, None, scale, window, softcap, q_start=0, chunk=chunk)
             for qs, ks, vs in zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2))
         ], dim=2)
-    return _dense(q, k, v, _mask(layout, q, k, window), scale, window, softcap, q_start=layout.cache_pos)
+    return _dense(q, k, v, _mask(layout, q, k, window, chunk), scale, window, softcap, q_start=layout.cache_pos,
+                  chunk=chunk)
 
 
 # ---------------------------------------------------------------- masks
 def causal_window_mask(
-    q_start: int, s: int, kv_len: int, window: int | None, device: torch.device
+    q_start: int, s: int, kv_len: int, window: int | None, device: torch.device, chunk: int | None = None,
 ) -> torch.Tensor:
     """bool [s, kv_len]: query q_start+i sees key j when j <= q_start+i (and, with a window,
-    q_start+i - j < window)."""
+    q_start+i - j < window; with a chunk, both in the same chunk of positions)."""
     q = torch.arange(q_start, q_start + s, device=device)[:, None]
     k = torch.arange(kv_len, device=device)[None]
     mask = k <= q
     if window is not None:
         mask = mask & (q - k < window)
+    if chunk is not None:
+        mask = mask & (q // chunk == k // chunk)
     return mask
 
 
-def _mask(layout: Layout, q: torch.Tensor, k: torch.Tensor, window: int | None) -> torch.Tensor | None:
+def _limited(kv_len: int, window: int | None, chunk: int | None) -> bool:
+    """Whether a window or chunk hides some key from some query of a causal block this long."""
+    return (window is not None and kv_len > window) or (chunk is not None and kv_len > chunk)
+
+
+def _same_chunk(positions: torch.Tensor, chunk: int) -> torch.Tensor:
+    """positions [b | 1, s] (restarting per packed document) -> bool [b | 1, 1, s, s]."""
+    ids = torch.div(positions, chunk, rounding_mode="floor")
+    return (ids[:, :, None] == ids[:, None, :])[:, None]
+
+
+def _mask(layout: Layout, q: torch.Tensor, k: torch.Tensor, window: int | None,
+          chunk: int | None = None) -> torch.Tensor | None:
     """The explicit mask of a layout that is not plain causal (None: plain causal)."""
     s, kv_len = q.shape[2], k.shape[2]
+    # Packed documents count chunks from their own starts: by position, not by index in the row.
+    by_position = chunk is not None and layout.kind in ("varlen", "masked") and layout.positions is not None
+    index_chunk = None if by_position else chunk
     if layout.kind == "varlen":  # document-causal from per-token sequence ids, in the graph
         ids = layout.seq_ids
-        return ((ids[:, None] == ids[None, :]) & causal_window_mask(0, s, kv_len, window, q.device))[None, None]
-    if layout.mask is not None:
-        if window is None:
-            return layout.mask
-        return layout.mask & causal_window_mask(layout.cache_pos, s, kv_len, window, q.device)
-    if (window is not None and kv_len > window) or (layout.kind == "cached" and s > 1 and layout.cache_pos):
-        return causal_window_mask(layout.cache_pos, s, kv_len, window, q.device)
-    return None
+        mask = ((ids[:, None] == ids[None, :]) & causal_window_mask(0, s, kv_len, window, q.device, index_chunk))
+        mask = mask[None, None]
+    elif layout.mask is not None:
+        mask = layout.mask
+        if window is not None or index_chunk is not None:
+            mask = mask & causal_window_mask(layout.cache_pos, s, kv_len, window, q.device, index_chunk)
+    elif _limited(kv_len, window, chunk) or (layout.kind == "cached" and s > 1 and layout.cache_pos):
+        return causal_window_mask(layout.cache_pos, s, kv_len, window, q.device, chunk)
+    else:
+        return None
+    return mask & _same_chunk(layout.positions, chunk) if by_position else mask
 
 
 def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,10 +180,11 @@ def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch
 
 # ---------------------------------------------------------------- kernels
 def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           scale: float | None, window: int | None, softcap: float | None, *, q_start: int) -> torch.Tensor:
+           scale: float | None, window: int | None, softcap: float | None, *, q_start: int,
+           chunk: int | None = None) -> torch.Tensor:
     """SDPA (or explicit scores with a soft-cap) on one block of queries; mask None = causal."""
-    if mask is None and window is not None and k.shape[2] > window:
-        mask = causal_window_mask(q_start, q.shape[2], k.shape[2], window, q.device)
+    if mask is None and _limited(k.shape[2], window, chunk):
+        mask = causal_window_mask(q_start, q.shape[2], k.shape[2], window, q.device, chunk)
     # Without a mask the layout is causal from position 0 (one query token is decode_grouped's):
     # a plain bool, where testing the (symbolic) length would split a compiled graph.
     causal = mask is None
@@ -186,15 +213,20 @@ def _manual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 
 def _decode_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                    window: int | None, softcap: float | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                    window: int | None, softcap: float | None, mask: torch.Tensor | None = None,
+                    chunk: int | None = None) -> torch.Tensor:
     """One query token per row: [b, h, 1, d] -> [b, kv_heads, h / kv_heads, d] against the
-    cache as it is; every cached key is visible (a window keeps the last `window` keys) unless
-    `mask` [b, 1, 1, kv_len] hides some (rows of a batch with left-padded prompts)."""
+    cache as it is; every cached key is visible (a window keeps the last `window` keys, a chunk
+    those since the query's chunk began) unless `mask` [b, 1, 1, kv_len] hides some (rows of a
+    batch with left-padded prompts)."""
     b, h, _, d = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    if window is not None and kv_len > window:
-        k, v = k[:, :, kv_len - window:], v[:, :, kv_len - window:]
-        mask = mask[..., kv_len - window:] if mask is not None else None
+    start = kv_len - window if window is not None and kv_len > window else 0
+    if chunk is not None:
+        start = max(start, (kv_len - 1) // chunk * chunk)
+    if start:
+        k, v = k[:, :, start:], v[:, :, start:]
+        mask = mask[..., start:] if mask is not None else None
     grouped = q.reshape(b, kv_heads, h // kv_heads, d)
     if softcap is None:
         out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)
@@ -223,26 +255,34 @@ def _compiled_flex():
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float | None,
-          window: int | None, softcap: float | None) -> torch.Tensor:
+          window: int | None, softcap: float | None, chunk: int | None = None) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask
 
     s, kv_len = q.shape[2], k.shape[2]
-    key = (window, s, kv_len)
+    key = (window, chunk, s, kv_len)
     if key not in layout.block_masks:  # made once per forward, shared by the layers
         offset = kv_len - s  # queries are the last s positions (a cache's prefill)
         seq_ids, dense = layout.seq_ids, layout.mask
+        # Packed documents count chunks from their own starts (see `_mask`).
+        pos = layout.positions if chunk is not None and layout.kind in ("varlen", "masked") else None
 
         def mask_mod(b, h, qi, ki):
             keep = ki <= qi + offset
             if window is not None:
                 keep = keep & (qi + offset - ki < window)
+            if chunk is not None and pos is None:
+                keep = keep & ((qi + offset) // chunk == ki // chunk)
+            if pos is not None:
+                row = b if pos.shape[0] > 1 else 0
+                keep = keep & (pos[row, qi] // chunk == pos[row, ki] // chunk)
             if seq_ids is not None:
                 keep = keep & (seq_ids[qi] == seq_ids[ki])
             if dense is not None:
                 keep = keep & dense[b if dense.shape[0] > 1 else 0, 0, qi, ki]
             return keep
 
-        rows = q.shape[0] if dense is not None and dense.shape[0] > 1 else None
+        per_row = (dense is not None and dense.shape[0] > 1) or (pos is not None and pos.shape[0] > 1)
+        rows = q.shape[0] if per_row else None
         layout.block_masks[key] = create_block_mask(mask_mod, rows, None, s, kv_len, device=q.device)
     score_mod = None
     if softcap is not None:

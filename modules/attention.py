@@ -2,10 +2,13 @@
 cache here; the attention itself is `modules/attend.py`'s one entry point.
 
 Variants pass parts instead of flags: q/k norms (Qwen3), biases (in the projections they pass),
-a logit soft-cap or sliding window (Gemma-2, Mistral) are arguments, not subclasses.
+a logit soft-cap or sliding window (Gemma-2, Mistral), chunked local attention, layers without
+RoPE and a position-dependent query temperature (Llama 4) are arguments, not subclasses.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -31,6 +34,10 @@ class Attention(nn.Module):
         scale: float | None = None,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        chunk_size: int | None = None,
+        rope: bool = True,
+        rope_interleaved: bool = False,
+        temperature: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         assert num_heads % num_kv_heads == 0, "query heads must be a multiple of kv heads"
@@ -43,6 +50,10 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window  # None: full causal
         self.softcap = softcap
+        self.chunk_size = chunk_size  # keys only in the query's own chunk of positions (Llama 4)
+        self.rope = rope  # False: no position embedding at all (NoPE)
+        self.rope_interleaved = rope_interleaved
+        self.temperature = temperature  # positions [b, s] -> query multipliers [b, s]
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, layout: Layout) -> torch.Tensor:
@@ -58,10 +69,30 @@ class Attention(nn.Module):
         if self.k_norm is not None:
             k = self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rope:
+            q = apply_rope(q, cos, sin, interleaved=self.rope_interleaved)
+            k = apply_rope(k, cos, sin, interleaved=self.rope_interleaved)
+        if self.temperature is not None:
+            q = (q * self.temperature(layout.positions)[:, None, :, None]).to(q.dtype)
         if layout.kind == "cached":
             if self.kv_cache is None:
                 raise ValueError("a cached layout needs KV caches: call model.setup_caches(...) first")
             k, v = self.kv_cache.update(layout.cache_pos, k, v)
-        out = attend(q, k, v, layout, scale=self.scale, window=self.sliding_window, softcap=self.softcap)
+        out = attend(q, k, v, layout, scale=self.scale, window=self.sliding_window, softcap=self.softcap,
+                     chunk=self.chunk_size)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+class LogTemperature:
+    """Llama 4's attention-temperature tuning of its NoPE layers (arXiv 2501.19399): the query at
+    position p is multiplied by 1 + scale * log(1 + floor((p + 1) / floor_scale)), so that
+    attention stays sharp over contexts far longer than `floor_scale`."""
+
+    def __init__(self, *, floor_scale: float, scale: float) -> None:
+        self.floor_scale, self.scale = floor_scale, scale
+
+    def __call__(self, positions: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale)) * self.scale + 1.0
+
+    def __repr__(self) -> str:
+        return f"LogTemperature(floor_scale={self.floor_scale}, scale={self.scale})"

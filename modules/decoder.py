@@ -153,6 +153,7 @@ class Decoder(nn.Module):
         cos_sin = self.rope.cos_sin(input_pos, h.dtype)
         local_cos_sin = cos_sin if self.local_rope is None else self.local_rope.cos_sin(input_pos, h.dtype)
         layout = self.layout(tokens, doc_ids=doc_ids, cache_pos=cache_pos, seq_lens=seq_lens, key_mask=key_mask)
+        layout.positions = input_pos  # chunked attention and query temperatures (Llama 4) read them
         if layout.kind in ("varlen", "batch"):
             # Every training batch has its own length (and the last one fewer rows): compiled
             # blocks trace them as symbols from the first batch on (one graph) instead of
@@ -194,7 +195,7 @@ class Decoder(nn.Module):
         for layer in self.layers:
             attn = layer.attn
             name = kernel_for(Layout(kind), device, dtype or p.dtype, 2, window=attn.sliding_window,
-                              softcap=attn.softcap)
+                              softcap=attn.softcap, chunk=attn.chunk_size)
             counts[name] = counts.get(name, 0) + 1
         return counts
 

@@ -1,4 +1,7 @@
-"""Mixture-of-experts feed-forward (Mixtral, Qwen3-MoE): a router picks top-k experts per token.
+"""Mixture-of-experts feed-forward (Mixtral, Qwen3-MoE, Llama 4): a router picks top-k experts
+per token. Routers differ in three ways, all arguments: softmax over all experts (Mixtral) or a
+sigmoid per expert (Llama 4), router weights on the experts' outputs or on their inputs (Llama 4
+scales a token before its expert sees it), and an always-on shared expert beside them (Llama 4).
 
 The experts are stacked weights (`gate_proj`/`up_proj` [E, hidden, dim], `down_proj` [E, dim,
 hidden]) and run as grouped matrix multiplies over the tokens sorted by expert: one call per
@@ -89,19 +92,31 @@ class Experts(nn.Module):
                 p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=generator))
 
 
+SCORINGS = ("softmax", "sigmoid")
+
+
 class MoE(nn.Module):
-    def __init__(self, *, router: nn.Linear, experts: Experts, top_k: int, norm_topk_prob: bool = True) -> None:
+    def __init__(
+        self, *, router: nn.Linear, experts: Experts, top_k: int, norm_topk_prob: bool = True,
+        scoring: str = "softmax", weight_inputs: bool = False, shared_expert: nn.Module | None = None,
+    ) -> None:
         super().__init__()
+        if scoring not in SCORINGS:
+            raise ValueError(f"router scoring '{scoring}' does not exist; choose from {', '.join(SCORINGS)}")
         self.router = router  # dim -> num_experts logits; frozen by LoRA like every base weight
         self.experts = experts
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
+        self.scoring = scoring
+        self.weight_inputs = weight_inputs
+        self.shared_expert = shared_expert
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         # Routing in fp32 as the references do: the top-k choice must not flip under bf16.
-        probs = torch.softmax(self.router(x).float(), dim=-1)
+        logits = self.router(x).float()
+        probs = torch.softmax(logits, dim=-1) if self.scoring == "softmax" else torch.sigmoid(logits)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # [T, k]
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -109,5 +124,12 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
         token = order // self.top_k
         counts = torch.bincount(flat, minlength=self.experts.num_experts)
-        y = self.experts(x[token], counts) * weights.reshape(-1)[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y).view(shape)
+        w = weights.reshape(-1)[order, None].to(x.dtype)
+        if self.weight_inputs:
+            y = self.experts(x[token] * w, counts)
+        else:
+            y = self.experts(x[token], counts) * w
+        out = torch.zeros_like(x).index_add_(0, token, y)
+        if self.shared_expert is not None:
+            out = self.shared_expert(x) + out
+        return out.view(shape)

@@ -28,3 +28,15 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight) if not self.offset else nn.init.zeros_(self.weight)
+
+
+class UnitRMSNorm(nn.Module):
+    """`x / rms(x)` with no learned weight: Llama 4's q/k norm (transformers' `Llama4TextL2Norm`)."""
+
+    def __init__(self, *, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)

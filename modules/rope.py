@@ -1,5 +1,6 @@
 """Rotary position embeddings in the Hugging Face layout ("rotate_half": the two halves of each
-head are the real and imaginary parts), so HF q/k weights load with no permutation.
+head are the real and imaginary parts), so HF q/k weights load with no permutation; Meta's
+complex form (Llama 4: adjacent pairs are the real and imaginary parts) is `interleaved=True`.
 
 cos/sin are computed per forward from the positions (cheap: s x head_dim/2) rather than cached
 in buffers, which keeps the module free of state that breaks on the meta device or in a
@@ -124,10 +125,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Meta's `view_as_complex(x.reshape(..., -1, 2)) * freqs_cis`, in real arithmetic.
+    pairs = x.unflatten(-1, (-1, 2))
+    re, im = pairs[..., 0], pairs[..., 1]
+    return torch.stack((re * cos - im * sin, im * cos + re * sin), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool = False) -> torch.Tensor:
     """x [b, n_heads, s, head_dim]; cos/sin [b, s, rotary_dim // 2]."""
     cos, sin = cos[:, None], sin[:, None]
+    rotate = _rotate_pairs if interleaved else _rotate
     rot = 2 * cos.shape[-1]
     if rot == x.shape[-1]:
-        return _rotate(x, cos, sin)
-    return torch.cat((_rotate(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
+        return rotate(x, cos, sin)
+    return torch.cat((rotate(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)

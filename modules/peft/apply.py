@@ -67,12 +67,15 @@ def _is_moe(layer: nn.Module) -> bool:
 
 def target_paths(model: nn.Module, roles: Iterable[str]) -> Iterator[str]:
     """Linear-layer paths (`layers.3.attn.q_proj`, `output`) for the given roles; the MLP roles
-    of a mixture-of-experts layer are its stacked experts, which `apply_lora` adapts apart."""
+    of a mixture-of-experts layer are its stacked experts, which `apply_lora` adapts apart, and
+    the linear layers of its shared expert, if it has one (Llama 4)."""
     for role in roles:
         if role == "output":
             yield "output"
             continue
         for i, layer in enumerate(model.layers):
+            if role in EXPERT_ROLES and _is_moe(layer) and layer.mlp.shared_expert is not None:
+                yield f"layers.{i}.mlp.shared_expert.{EXPERT_ROLES[role]}"
             if (role in EXPERT_ROLES and _is_moe(layer)) or (role == "router" and not _is_moe(layer)):
                 continue
             yield f"layers.{i}.{TARGETS[role]}"
