@@ -141,6 +141,15 @@ def test_missing_package_is_one_line(monkeypatch):
                             "(or remove metric_logger)")
 
 
+def test_backend_that_cannot_start_fails_when_built(tmp_path):
+    pytest.importorskip("mlflow")
+    with pytest.raises(ConfigError) as e:
+        ml.MultiLogger([ml.MLFlowLogger(tracking_uri="nosuchscheme://host/x")], output_dir=tmp_path)
+    message = str(e.value)
+    assert message.startswith("metric_logger MLFlowLogger could not start: ") and "\n" not in message
+    assert "nosuchscheme" in message
+
+
 def test_bad_options_are_one_line():
     with pytest.raises(ConfigError, match="mode must be online, offline or disabled"):
         ml.WandBLogger("out", mode="ofline")

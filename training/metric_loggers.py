@@ -19,10 +19,11 @@ tunewright's path: configs are code).
 
 Every logger takes `log_dict(payload, step)` and `close()` (training/run.py's sink). Only rank 0
 writes. Each backend is an optional extra (`pip install tunewright[tensorboard|wandb|mlflow]`),
-checked when the logger is built (one line if missing) and imported at the first record, with
-that record's step: a resumed run's TensorBoard events purge the steps it re-runs. The
-logged values are the record's numbers (its `time` is left to the backend's own clock; NaN
-stays NaN).
+checked when the logger is built (one line if missing). W&B and MLflow start their run when the
+run starts, so a missing login or a bad tracking URI is one line before training; TensorBoard
+opens at the first record, with its step, so a resumed run's events purge the steps it re-runs.
+The logged values are the record's numbers (its `time` is left to the backend's own clock; NaN
+stays NaN). A resumed run is a new W&B / MLflow run.
 """
 
 from __future__ import annotations
@@ -44,32 +45,47 @@ def scalars(payload: dict[str, Any]) -> dict[str, float]:
 
 
 class _Backend:
-    """A logger that opens its backend at the first record, on rank 0 only."""
+    """A logger whose backend opens on rank 0 once the run's directory is known (a missing login
+    or a bad tracking URI fails before training), or, with `opens_at_first_record`, at the first
+    record (TensorBoard needs its step). Subclasses set their options before `super().__init__`."""
 
     module = ""  # the package it needs
     extra = ""  # the pyproject extra that installs it
+    opens_at_first_record = False
 
     def __init__(self, output_dir: str | Path | None = None) -> None:
         if importlib.util.find_spec(self.module) is None:
             raise ConfigError(f"metric_logger {type(self).__name__} needs {self.module}: "
                               f"pip install 'tunewright[{self.extra}]' (or remove metric_logger)")
-        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.output_dir: Path | None = None
         self.enabled = is_main()
         self._opened = False
+        if output_dir is not None:
+            self.bind(output_dir)
 
     def bind(self, output_dir: str | Path) -> None:
-        """The run's directory, for a logger built inside a MultiLogger."""
+        """The run's directory (MultiLogger gives it to the loggers built inside it)."""
         if self.output_dir is None:
             self.output_dir = Path(output_dir)
+        if not self.opens_at_first_record:
+            self._ensure_open(None)
+
+    def _ensure_open(self, first_step: int | None) -> None:
+        if self._opened or not self.enabled:
+            return
+        if self.output_dir is None:
+            raise ConfigError(f"metric_logger {type(self).__name__} has no output_dir")
+        try:
+            self._open(first_step)
+        except Exception as e:  # the backend's own error (login, URI, ...): one line with its reason
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"metric_logger {type(self).__name__} could not start: {reason}") from e
+        self._opened = True
 
     def log_dict(self, payload: dict[str, Any], step: int) -> None:
         if not self.enabled:
             return
-        if not self._opened:
-            if self.output_dir is None:
-                raise ConfigError(f"metric_logger {type(self).__name__} has no output_dir")
-            self._open(step)
-            self._opened = True
+        self._ensure_open(step)
         self._write(scalars(payload), step)
 
     def close(self) -> None:
@@ -77,7 +93,7 @@ class _Backend:
             self._close()
             self._opened = False
 
-    def _open(self, first_step: int) -> None:
+    def _open(self, first_step: int | None) -> None:
         raise NotImplementedError
 
     def _write(self, values: dict[str, float], step: int) -> None:
@@ -91,19 +107,20 @@ class TensorBoardLogger(_Backend):
     """Event files in `log_dir` (default `<output_dir>/tensorboard`): `tensorboard --logdir ...`."""
 
     module, extra = "tensorboard", "tensorboard"
+    opens_at_first_record = True
 
     def __init__(self, output_dir: str | Path | None = None, *, log_dir: str | None = None) -> None:
-        super().__init__(output_dir)
         self.log_dir = log_dir
+        super().__init__(output_dir)
 
-    def _open(self, first_step: int) -> None:
+    def _open(self, first_step: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         assert self.output_dir is not None
         log_dir = Path(self.log_dir) if self.log_dir else self.output_dir / "tensorboard"
         # purge_step: TensorBoard hides events an earlier process logged from this step on, so a
         # resumed run's re-run steps appear once.
-        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=first_step if first_step > 1 else None)
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=first_step if first_step and first_step > 1 else None)
 
     def _write(self, values: dict[str, float], step: int) -> None:
         for key, value in values.items():
@@ -123,12 +140,12 @@ class WandBLogger(_Backend):
 
     def __init__(self, output_dir: str | Path | None = None, *, project: str = "tunewright",
                  mode: str | None = None, log_dir: str | None = None, **init_kwargs: Any) -> None:
-        super().__init__(output_dir)
         if mode not in (None, "online", "offline", "disabled"):
             raise ConfigError(f"metric_logger.mode must be online, offline or disabled, got {mode!r}")
         self.project, self.mode, self.log_dir, self.init_kwargs = project, mode, log_dir, init_kwargs
+        super().__init__(output_dir)
 
-    def _open(self, first_step: int) -> None:
+    def _open(self, first_step: int | None) -> None:
         import wandb
 
         assert self.output_dir is not None
@@ -151,10 +168,10 @@ class MLFlowLogger(_Backend):
 
     def __init__(self, output_dir: str | Path | None = None, *, experiment_name: str = "tunewright",
                  tracking_uri: str | None = None, run_name: str | None = None) -> None:
-        super().__init__(output_dir)
         self.experiment_name, self.tracking_uri, self.run_name = experiment_name, tracking_uri, run_name
+        super().__init__(output_dir)
 
-    def _open(self, first_step: int) -> None:
+    def _open(self, first_step: int | None) -> None:
         from mlflow.tracking import MlflowClient
 
         assert self.output_dir is not None
