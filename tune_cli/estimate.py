@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tunewright.training.config import load_config, to_dict
     from tunewright.training.entry import import_recipe, load_recipe_config
-    from tunewright.training.estimate import report
+    from tunewright.training.estimate import fit_report
     from tunewright.training.instantiate import components_allowed
     from tunewright.tune_cli.config_cmds import shipped_recipe_for_config
 
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             if recipe_path is None:
                 raise ValueError(f"{config_path}: recipe {recipe} is a Python file; name it with --recipe FILE")
         cfg = load_recipe_config(import_recipe(recipe_path), config_path, args.overrides)
-        fits, lines = report(cfg, device=args.device, world_size=args.nproc, size=args.model_size,
+        fits, lines = fit_report(cfg, device=args.device, world_size=args.nproc, size=args.model_size,
                              name=f"{cfg.recipe} ({config_name or config_path})")
     print("\n".join(lines))
     return 0 if fits else 1

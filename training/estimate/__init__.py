@@ -1,7 +1,7 @@
 """Will it fit? The memory a run needs per process, before any weight is loaded.
 
     tune estimate --config llama3_1/8B_lora_single_device --device h100
-    fits, lines = report(cfg, device="h100", world_size=1)     # cfg: a recipe's Config
+    fits, lines = fit_report(cfg, device="h100")     # cfg: a recipe's Config
 
 The model is built on the meta device from the config (`model.py`), its parameters counted in
 the dtypes the run keeps them in, the optimizer's state from its table (`terms.py`), the
@@ -17,7 +17,7 @@ from typing import Any
 
 # Imported inside the functions: `tune --help` imports this package (for the GPU table) and
 # must not wait for torch.
-__all__ = ["announce", "report"]
+__all__ = ["announce", "fit_report"]
 
 
 def _estimate(cfg: Any, *, world_size: int, device_type: str, size: str | None) -> Any:
@@ -30,7 +30,7 @@ def _estimate(cfg: Any, *, world_size: int, device_type: str, size: str | None) 
     return est
 
 
-def report(cfg: Any, *, device: str = "cpu", world_size: int = 1, size: str | None = None,
+def fit_report(cfg: Any, *, device: str = "cpu", world_size: int = 1, size: str | None = None,
            label: str | None = None, capacity: int | None = None, name: str | None = None) -> tuple[bool, list[str]]:
     """(fits, lines of the table and verdict) of `cfg` on `device` (cpu or a GPU name of
     `devices.GPUS`; or a `label` and `capacity` in bytes for the device at hand)."""
@@ -63,10 +63,10 @@ def announce(cfg: Any) -> None:
                               ("cpu" if cfg.device == "auto" else cfg.device))
         if device.type == "cuda" and torch.cuda.is_available():
             props = torch.cuda.get_device_properties(device)
-            _, lines = report(cfg, device="cuda", world_size=dist.world_size(), label=props.name,
+            _, lines = fit_report(cfg, device="cuda", world_size=dist.world_size(), label=props.name,
                               capacity=props.total_memory)
         else:
-            _, lines = report(cfg, device="cpu", world_size=dist.world_size())
+            _, lines = fit_report(cfg, device="cpu", world_size=dist.world_size())
     except (ValueError, OSError, RuntimeError, NotImplementedError, KeyError, AttributeError) as e:
         # An estimate is advice: a shape it cannot work out is said, and the run goes on.
         print(f"memory estimate: not available ({str(e).splitlines()[0] if str(e) else type(e).__name__})", flush=True)

@@ -17,8 +17,8 @@ from torch import nn
 
 from tunewright.models.args import ModelArgs
 
-# torchao NF4 (QLoRA): 4 bits per weight, an int8 scale per block of 64 weights, an fp32 scale of
-# those scales per block of 256 (`modules/peft/qlora.py` BLOCK_SIZE, SCALER_BLOCK_SIZE).
+# torchao NF4 (QLoRA): 4 bits per weight, an int8 scale per block of 64 weights, a scale of those
+# scales per block of 256 (`modules/peft/qlora.py` BLOCK_SIZE, SCALER_BLOCK_SIZE).
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
 
 
@@ -70,15 +70,15 @@ class ParamBytes:
     trainable_tensors: int  # how many (one optimizer `step` scalar each)
 
 
-def nf4_bytes(numel: int) -> int:
-    """torchao's NF4Tensor of `numel` weights: packed 4-bit codes, int8 block scales, fp32
-    second-level scales (`quantize_base_nf4` picks the scaler block that divides), and the
-    scales' fp32 mean."""
+def nf4_bytes(numel: int, itemsize: int) -> int:
+    """torchao's NF4Tensor of `numel` weights quantized from a dtype of `itemsize` bytes: packed
+    4-bit codes, int8 block scales, second-level scales (`quantize_base_nf4` picks the scaler
+    block that divides), their mean and the 16-value code book, those three in that dtype."""
     import math
 
     blocks = numel // NF4_BLOCK
     scaler_block = math.gcd(blocks, NF4_SCALER_BLOCK)
-    return numel // 2 + blocks + 4 * (blocks // scaler_block) + 4
+    return numel // 2 + blocks + itemsize * (blocks // scaler_block + 1 + 16)
 
 
 def build_meta(args: ModelArgs, cfg: Any, *, adapters: bool) -> nn.Module:
@@ -113,7 +113,7 @@ def param_bytes(model: nn.Module, *, master: torch.dtype, compute: torch.dtype, 
         elif id(p) in nf4_ids:
             out.frozen += n
             out.nf4 += n
-            out.frozen_bytes += nf4_bytes(n)
+            out.frozen_bytes += nf4_bytes(n, compute.itemsize)
         else:
             out.frozen += n
             out.frozen_bytes += n * compute.itemsize

@@ -20,7 +20,6 @@ import torch
 from tunewright.training.estimate.activations import kv_cache_bytes, loss_bytes, measure
 from tunewright.training.estimate.model import ParamBytes, build_meta, model_args, param_bytes
 
-TRAINING_RECIPES = ("sft", "qat", "dpo", "reward_model", "grpo", "knowledge_distillation")
 PAIRED = ("dpo", "reward_model")  # a batch row is a pair: chosen and rejected rows go through together
 REFERENCE_FREE = ("simpo", "orpo")  # dpo losses that need no reference model
 
@@ -55,23 +54,26 @@ class Estimate:
         return next((t for t in self.terms if t.name == name), None)
 
 
-# optimizer component -> (states per weight as a multiple of the weight's bytes, or a function of
-# the tensor's numel and dtype); torchao's low-bit states quantize tensors of >= 4096 elements in
-# blocks, each block with an fp32 scale, and keep smaller tensors in full precision.
-def _lowbit(bits: int, block: int):
+# optimizer component -> states per weight (each the size of the weight), or a function of a
+# tensor's numel and itemsize for torchao's low-bit optimizers: a tensor of >= 4096 elements gets
+# two states of `bits`-bit codes, an fp32 scale per block and a code book of 2^bits fp32 values
+# (none for fp8); smaller tensors keep full-precision states. Adam-family optimizers also keep
+# an fp32 `step` scalar per tensor.
+def _lowbit(bits: int, block: int, codebook: bool = True):
     def state(numel: int, itemsize: int) -> int:
         if numel >= 4096 and numel % block == 0:
-            return 2 * (numel * bits // 8 + 4 * (numel // block))
-        return 2 * numel * itemsize
+            return 2 * (numel * bits // 8 + 4 * (numel // block) + (4 * 2**bits if codebook else 0)) + _STEP_SCALAR
+        return 2 * numel * itemsize + _STEP_SCALAR
     return state
 
 
-_STEP_SCALAR = 4  # torch's Adam-family `step`: an fp32 scalar tensor per parameter tensor
+_STEP_SCALAR = 4
+_ADAM_STEP = ("AdamW", "Adam", "NAdam", "RAdam", "Adamax")
 OPTIMIZER_STATES: dict[str, Any] = {
     "AdamW": 2, "Adam": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2,
     "Adagrad": 1, "RMSprop": 1, "Adadelta": 2, "Rprop": 2,
-    "AdamW8bit": _lowbit(8, 256), "Adam8bit": _lowbit(8, 256), "AdamWFp8": _lowbit(8, 256),
-    "AdamFp8": _lowbit(8, 256), "AdamW4bit": _lowbit(4, 128), "Adam4bit": _lowbit(4, 128),
+    "AdamW8bit": _lowbit(8, 256), "Adam8bit": _lowbit(8, 256), "AdamWFp8": _lowbit(8, 256, codebook=False),
+    "AdamFp8": _lowbit(8, 256, codebook=False), "AdamW4bit": _lowbit(4, 128), "Adam4bit": _lowbit(4, 128),
 }
 
 
@@ -91,7 +93,7 @@ def optimizer_bytes(optimizer_cfg: dict[str, Any], numels: list[int], itemsize: 
     if callable(states):
         return sum(states(n, itemsize) for n in numels), note or f"{name}: low-bit states"
     amsgrad = 1 if optimizer_cfg.get("amsgrad") else 0
-    step = _STEP_SCALAR * len(numels) if name in ("AdamW", "Adam", "NAdam", "RAdam", "Adamax") else 0
+    step = _STEP_SCALAR * len(numels) if name in _ADAM_STEP else 0
     return (states + amsgrad) * total * itemsize + step, note or f"{states + amsgrad} state(s) per weight"
 
 
@@ -131,9 +133,11 @@ def workload(cfg: Any, args_max: int) -> Workload:
     return Workload(rows=batch, seq_len=seq)
 
 
-def estimate(cfg: Any, *, world_size: int = 1, device_type: str = "cpu", size: str | None = None) -> Estimate:
+def estimate(cfg: Any, *, world_size: int = 1, device_type: str = "cpu", size: str | None = None,
+             activations: bool = True) -> Estimate:
     """The memory terms of the run `cfg` (a recipe's validated Config) per process, with
-    `world_size` processes sharding the models (FSDP2/TP), on a `device_type` device."""
+    `world_size` processes sharding the models (FSDP2/TP), on a `device_type` device;
+    `activations=False` leaves out the forward on meta tensors (the parameter terms only)."""
     from tunewright.models.pretrained import as_dtype
     from tunewright.training.estimate.activations import Activations
 
@@ -141,7 +145,7 @@ def estimate(cfg: Any, *, world_size: int = 1, device_type: str = "cpu", size: s
     master = as_dtype(getattr(cfg, "master_dtype", None) or cfg.dtype)
     if master.itemsize < compute.itemsize:
         master = compute
-    trains = cfg.recipe in TRAINING_RECIPES
+    trains = hasattr(cfg, "optimizer")  # a training recipe's Config (TrainConfig)
     lora = getattr(cfg, "lora_rank", None) is not None
     qlora = lora and getattr(cfg, "quantize_base", False)
     args, source = model_args(cfg.model, size=size)
@@ -186,7 +190,7 @@ def estimate(cfg: Any, *, world_size: int = 1, device_type: str = "cpu", size: s
         est.terms.append(Term(label, extra.frozen_bytes // shard, f"{extra.frozen:,} frozen, {_dtype(dtype)}{sharded}"))
 
     work = workload(cfg, args.max_seq_len)
-    if trains and work.rows:
+    if trains and work.rows and activations:
         padding_free = getattr(cfg, "padding_free", True)
         acts: Activations = measure(model, args, rows=work.rows, seq_len=work.seq_len,  # changes `model`: last
                                     padding_free=padding_free, dtype=compute)
