@@ -22,6 +22,7 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"  # training/metrics.py's; not imported: it pulls in torch
 # Panels in this order, when some run logged them; reward keys follow.
 DEFAULT_KEYS = ("loss", "val_loss", "lr", "tokens_per_second")
+MARKED = 20  # series of at most this many points get a dot per point
 UNSMOOTHED = {"lr"}  # a schedule is exact; averaging would only shift it
 SUFFIXES = (".png", ".svg")
 
@@ -111,7 +112,9 @@ def plot_runs(runs: dict[str, Series], keys: list[str], *, smooth: float = 0.0) 
             if smooth and key not in UNSMOOTHED:
                 ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
                 values = ema(values, smooth)
-            ax.plot(steps, values, color=color, linewidth=1.5, label=label)
+            # Dots where points are few (evaluations, a short run): a lone point draws no line.
+            ax.plot(steps, values, color=color, linewidth=1.5, label=label,
+                    marker="o" if len(steps) <= MARKED else None, markersize=3)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
