@@ -155,6 +155,9 @@ class Run:
         # After the directory is ours: a logger may write files into it.
         run.metric_logger = instantiate(cfg.metric_logger, output_dir=cfg.output_dir)
         save_config(cfg, run.output_dir)
+        from tunewright.training.estimate import announce
+
+        announce(cfg)  # the memory the run needs, term by term, before any weight loads (rank 0)
         return run
 
     def _say(self, *lines: str) -> None:
