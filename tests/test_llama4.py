@@ -256,3 +256,109 @@ def test_qlora_quantizes_attention_and_shared_expert_and_runs():
     tokens = torch.randint(0, args.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
     assert model.layers[1].mlp.shared_expert.up_proj.lora_b.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- chunked attention, kernel by kernel
+def _chunked_reference(q, k, v, positions, chunk):
+    """Loops over positions: query i sees key j of the same sequence with j <= i and both in one
+    chunk of `chunk` positions, counted from the sequence's start (`positions` restart there)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = q.shape[2]
+    allowed = torch.zeros(s, s, dtype=torch.bool)
+    for i in range(s):
+        for j in range(i + 1):
+            same_seq = positions[i] - positions[j] == i - j  # no restart between them
+            allowed[i, j] = bool(same_seq and positions[i] // chunk == positions[j] // chunk)
+    scores = (q.double() @ k.double().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return (torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v.double()).to(q.dtype)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("kernel", ["per_sequence", "document_mask", "flex", "decode"])
+def test_chunked_attention_kernels_equal_a_loop_over_positions(kernel, monkeypatch):
+    """The kernels the CPU tests above do not reach (the compiled padding-free mask, the CUDA
+    flex mask, written here against the eager flex_attention) keep chunks per sequence."""
+    from tunewright.modules import attend as attend_module
+    from tunewright.modules.attend import Layout, attend
+
+    g = torch.Generator().manual_seed(0)
+    lens, chunk = [13, 9], 4
+    q = torch.randn(1, 4, sum(lens), 8, generator=g)
+    k, v = torch.randn(1, 2, sum(lens), 8, generator=g), torch.randn(1, 2, sum(lens), 8, generator=g)
+    positions = torch.cat([torch.arange(n) for n in lens])
+    want = _chunked_reference(q, k, v, positions, chunk)
+    layout = Layout.varlen(lens, "cpu")
+    layout.positions = positions[None]
+    if kernel == "per_sequence":
+        got = attend(q, k, v, layout, chunk=chunk)
+    elif kernel == "document_mask":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert attend_module.kernel_for(layout, q.device, q.dtype, q.shape[2], window=None, softcap=None,
+                                        chunk=chunk) == "document_mask(sdpa)"
+        got = attend(q, k, v, layout, chunk=chunk)
+    elif kernel == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        assert attend_module.kernel_for(layout, torch.device("cuda"), torch.bfloat16, q.shape[2], window=None,
+                                        softcap=None, chunk=chunk) == "flex"
+        monkeypatch.setattr(attend_module, "_compiled_flex", lambda: flex_attention)
+        got = attend_module._flex(q, k, v, layout, None, None, None, chunk)
+        padded = Layout("batch", positions=torch.arange(lens[0])[None])  # chunks by index in a padded row
+        n = lens[0]
+        torch.testing.assert_close(attend_module._flex(q[:, :, :n], k[:, :, :n], v[:, :, :n], padded, None, None,
+                                                       None, chunk), want[:, :, :n], atol=1e-5, rtol=1e-5)
+    else:  # one token at a time against a cache of the first sequence
+        n = lens[0]
+        got = torch.cat([attend(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], Layout("cached", cache_pos=i),
+                                chunk=chunk) for i in range(n)], dim=2)
+        want = want[:, :, :n]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- FSDP2: the generic sharded path
+def test_fsdp2_sharded_load_forward_and_merged_export(tmp_path):
+    """One FSDP2 process (gloo): the checkpoint's transposed fused experts load into shards, the
+    sharded model's logits equal the one-device model's, and the merged export of per-expert
+    LoRA equals the one-device merge."""
+    import copy
+
+    from tests.test_distributed_recipes import split_checkpoint
+    from tunewright.models import save_pretrained
+    from tunewright.modules.peft.apply import apply_lora, merge_lora
+    from tunewright.training.parallel import (build_mesh, build_meta_model, close_distributed, init_distributed,
+                                              materialize, shard_fsdp2)
+    from tunewright.training.sharded_io import load_full_into, load_hf_sharded, save_pretrained_sharded
+
+    _, hf_dir = _hf(tmp_path, "maverick_like_tied_top2")
+    source = split_checkpoint(hf_dir, tmp_path / "source")
+    reference = load_pretrained(source)
+    apply_lora(reference, targets="all-linear", rank=4, experts="per_expert")
+    device, created = init_distributed(torch.device("cpu"))
+    try:
+        mesh = build_mesh(device, data_parallel_dim=None, tensor_parallel_dim=1)
+        model, _ = build_meta_model({"_component_": "tunewright.models.load_pretrained", "path": str(source)},
+                                    torch.float32)
+        apply_lora(model, targets="all-linear", rank=4, experts="per_expert")
+        skeleton = copy.deepcopy(model)
+        shard_fsdp2(model, mesh["dp"])
+        materialize(model, torch.device("cpu"))
+        load_hf_sharded(model, source, dtype=torch.float32)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # the same adapters on both sides, B != 0 so that the merge shows
+            for name, p in reference.named_parameters():
+                if "lora" in name:
+                    value = torch.randn(p.shape, generator=gen) * 0.1
+                    p.copy_(value)
+                    load_full_into(model, name, value)
+            tokens = random_tokens(2, SEQ)
+            assert (model(tokens) - reference(tokens)).abs().max().item() <= TOLERANCE
+        sharded = save_pretrained_sharded(model, skeleton, tmp_path / "sharded", source_dir=source, merge=True)
+    finally:
+        close_distributed(created)
+    single = save_pretrained(merge_lora(reference), tmp_path / "single", source_dir=source)
+    for fname in {f.name for f in single.glob("*.safetensors")}:
+        got, want = load_file(str(sharded / fname)), load_file(str(single / fname))
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
