@@ -80,6 +80,17 @@ def test_lora_frozen_weights_cost_4n_adapters_6n():
     assert measured(model) == 6 * adapters + 4 * base - 2 * first_block_reads_embeddings
 
 
+def test_qlora_counts_its_nf4_base_like_lora():
+    pytest.importorskip("torchao")
+    from tunewright.modules.peft.qlora import quantize_base_nf4
+
+    model, _ = tiny()
+    apply_lora(model, targets=["q", "v"], rank=4)
+    lora = flops_per_token([model])
+    quantize_base_nf4(model)  # 4-bit storage, the same matmuls
+    assert flops_per_token([model]) == lora
+
+
 def test_moe_counts_the_experts_a_token_visits(monkeypatch):
     # FlopCounterMode does not see torch._grouped_mm: the per-expert matmul path it does see.
     monkeypatch.setattr("tunewright.modules.moe._grouped_mm_ok", lambda x, w: False)
