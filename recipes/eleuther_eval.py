@@ -50,7 +50,7 @@ class Config:
     fewshot_as_multiturn: bool = False  # with apply_chat_template: each example a chat turn
     add_bos_token: bool | None = None  # null: as the tokenizer's files say (HF's default)
     log_samples: bool = False
-    bootstrap_iters: Annotated[int, Range(ge=0)] = 1000  # stderr of non-mean metrics (0: none)
+    bootstrap_iters: Annotated[int, Range(ge=0)] = 100000  # lm-eval's: stderr by resampling (0: none)
     seed: Seed = 0
     device: Device = "cpu"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -225,6 +225,8 @@ MINIMAL = {
                         "functions": [{"_component_": "tunewright.training.rewards.exact_match"}]}},
     "quantize": {"recipe": "quantize", "output_dir": "/o", "model": MODEL,
                  "quantization": {"scheme": "int4_weight_only"}},
+    "eleuther_eval": {"recipe": "eleuther_eval", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER,
+                      "tasks": ["hellaswag"]},
 }
 RUN_DEFAULTS = {"seed": 0, "device": "cpu", "dtype": "fp32", "num_threads": None, "loss_chunk_size": 1024}
 DEFAULTS = {
@@ -274,6 +276,14 @@ DEFAULTS = {
     # PTQ rounds in the dtype the quantized model will compute in: bf16 unless asked
     "quantize": {"device": "cpu", "dtype": "bf16", "num_threads": None, "seed": 0, "tokenizer": None,
                  "dataset": None, "batch_size": 8, "loss_chunk_size": 1024},
+    # torchtune's eleuther_eval (batch 8, KV cache on, no limit) and lm-eval's CLI (task's own
+    # few-shot, no chat template, 256 new tokens as HFLM, 100000 bootstrap iterations); the
+    # model's own context length (torchtune: 4096) and bos as the tokenizer's files say (HFLM)
+    "eleuther_eval": {"adapter": None, "include_path": [], "limit": None, "num_fewshot": None, "batch_size": 8,
+                      "max_seq_length": None, "max_gen_toks": 256, "enable_kv_cache": True,
+                      "apply_chat_template": False, "system_instruction": None, "fewshot_as_multiturn": False,
+                      "add_bos_token": None, "log_samples": False, "bootstrap_iters": 100000, "seed": 0,
+                      "device": "cpu", "dtype": "fp32", "num_threads": None},
 }
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.py") if not p.name.startswith("_"))
 

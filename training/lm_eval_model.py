@@ -132,8 +132,12 @@ class TunewrightLM(TemplateLM):
                 for key, cont_ids, lp in order.get_cache(req_str=key, cxt_toks=ctx, cont_toks=cont,
                                                          logits=logprobs):
                     target = torch.tensor(cont_ids, device=lp.device)[None]  # [1, n]
-                    is_greedy = bool((greedy[:, -target.shape[1]:] == target).all())
-                    answer = (float(lp.gather(2, target[..., None]).sum()), is_greedy)
+                    n = target.shape[1]
+                    # A sharer may hold fewer continuation tokens (its context took the rest):
+                    # its log-probs are the last n positions. (HFLM gathers the first n, which
+                    # is wrong when two requests in one batch split one text differently.)
+                    is_greedy = bool((greedy[:, -n:] == target).all())
+                    answer = (float(lp[:, -n:].gather(2, target[..., None]).sum()), is_greedy)
                     results.append(answer)
                     if key is not None:
                         self.cache_hook.add_partial("loglikelihood", key, answer)
@@ -274,12 +278,23 @@ def resolve_tasks(names: Sequence[str], task_dirs: Sequence[Path]) -> tuple[list
     by_name = [s for s in specs if isinstance(s, str) and not s.endswith((".yaml", ".yml"))]
     dirs = [str(d) for d in task_dirs]
     manager = TaskManager(include_path=dirs or None, include_defaults=False)
-    if any(s not in manager.all_tasks for s in by_name):
+    missing = [s for s in by_name if s not in manager.all_tasks]
+    if missing and all(_in_catalogue(s) for s in missing):
         print("indexing lm-eval's own tasks (tens of seconds)", flush=True)
         manager = TaskManager(include_path=dirs or None)
-    missing = [s for s in by_name if s not in manager.all_tasks]
+        missing = [s for s in by_name if s not in manager.all_tasks]
     if missing:
         local = sorted(json_tasks)
         raise ValueError(f"tasks: unknown task {missing[0]!r}; shipped local tasks: {', '.join(local)}; "
                          "or give a task's .json/.yaml file, or a task lm-eval lists (lm_eval ls tasks)")
     return specs, manager
+
+
+def _in_catalogue(name: str) -> bool:
+    """Whether lm-eval's own task files mention `name` at all: a few seconds of reading that
+    spares a misspelt name the full index."""
+    from lm_eval import tasks
+
+    needle = name.encode()
+    files = Path(tasks.__file__).parent.rglob("*")
+    return any(p.suffix in (".yaml", ".py") and needle in p.read_bytes() for p in files)
