@@ -22,5 +22,8 @@ def test_every_package_folder_is_listed():
 
 def test_configs_ship_as_package_data():
     data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert data["tunewright.configs"] == ["**/*.yaml"]
+    assert data["tunewright.configs"] == ["**/*.yaml", "eval_tasks/*.json", "eval_tasks/*.jsonl"]
     assert list((REPO / "configs").rglob("*.yaml"))
+    # eleuther_eval's local tasks: a JSON spec and its JSONL rows, all matched by those globs
+    tasks = sorted(p.name for p in (REPO / "configs" / "eval_tasks").iterdir() if p.is_file())
+    assert tasks and all(name.endswith((".json", ".jsonl")) for name in tasks), tasks
