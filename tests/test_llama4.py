@@ -362,3 +362,23 @@ def test_fsdp2_sharded_load_forward_and_merged_export(tmp_path):
         assert got.keys() == want.keys()
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
+
+
+def test_peft_loads_our_attention_and_shared_expert_adapter(tmp_path):
+    """With the routed experts frozen (what PEFT's format can hold), our adapter on attention,
+    the shared expert and the dense MLPs loads in `peft` on transformers' model: equal logits."""
+    peft = pytest.importorskip("peft")
+    from tunewright.models.peft_adapter import save_peft_adapter
+    from tunewright.modules.peft.apply import apply_lora
+
+    _, hf_dir = _hf(tmp_path, "maverick_like_tied_top2")
+    ours = load_pretrained(hf_dir)
+    apply_lora(ours, targets="all-linear", rank=4, experts=None)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0.0, 0.1)
+    save_peft_adapter(ours, tmp_path / "adapter", base_model_path=str(hf_dir))
+    base = transformers.Llama4ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert max_logit_diff(theirs, ours, random_tokens(2, SEQ)) <= TOLERANCE
