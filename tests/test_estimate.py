@@ -137,14 +137,14 @@ def test_activations_on_meta_match_a_real_cpu_forward(family, padding_free):
     from tunewright.training.estimate.activations import measure
 
     args = get_family(family).tiny
-    rows, seq = 3, 64
+    rows, seq = 2, 512  # long enough that an [s, s] attention matrix kept by mistake would show
     real = build_model(args, device="cpu")
     tokens = torch.randint(0, args.vocab_size, (rows, seq))
     kw = {"seq_lens": [seq] * rows} if padding_free else {}
     expected = _real_saved_bytes(real, tokens.reshape(1, -1) if padding_free else tokens, **kw)
     got = measure(build_model(args), args, rows=rows, seq_len=seq, padding_free=padding_free,
                   dtype=torch.float32).total()
-    assert abs(got - expected) / expected < 0.10, (got, expected)
+    assert abs(got - expected) / expected < 0.03, (got, expected)
 
 
 def test_checkpointing_keeps_block_inputs_and_one_block():

@@ -4,9 +4,11 @@ chunk buffers and the KV cache of generation, by formula.
 Saved activations are what autograd keeps from forward for backward. Rather than a formula per
 family that drifts from the code, the model's own forward runs on meta tensors (no memory, no
 compute) under `saved_tensors_hooks`, and the bytes of every distinct storage it saves are added
-up, per block. On a CPU this matches a real forward's count within a few percent (the meta
-dispatch of SDPA keeps slightly more); GPU kernels (flash attention, grouped-query without
-expanded k/v) keep somewhat less, so GPU figures lean high.
+up, per block. One substitution: on meta tensors `scaled_dot_product_attention` dispatches to
+its math form, which keeps the [heads, s, s] probabilities; the fused kernels a real run gets
+(flash on CPU and GPU) keep q, k, v, the output and an fp32 log-sum-exp per query, so that is
+what the probe's SDPA saves. On a CPU this matches a real forward's count within a few percent;
+GPU kernels (grouped-query without expanded k/v) keep somewhat less, so GPU figures lean high.
 
 Mixture-of-experts blocks route tokens with data-dependent shapes, which meta tensors cannot
 run; their MLP is measured as a dense MLP as wide as the experts a token visits, plus the
@@ -15,9 +17,11 @@ dispatched copies of the tokens (an approximation, said in the table).
 
 from __future__ import annotations
 
+import unittest.mock
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tunewright.models.args import ModelArgs
@@ -38,6 +42,26 @@ class Activations:
         kept = [self.block_input if i % every == 0 else n for i, n in enumerate(self.per_layer)]
         recomputed = max((n for i, n in enumerate(self.per_layer) if i % every == 0), default=0)
         return self.outside + sum(kept) + recomputed
+
+
+class _FusedAttention(torch.autograd.Function):
+    """What a fused SDPA kernel saves for backward, with no computation: q, k, v, the output
+    and the fp32 log-sum-exp of each query."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # pragma: no cover - the probe never runs backward
+        raise NotImplementedError
+
+
+def _fused_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    return _FusedAttention.apply(q, k, v)
 
 
 def _dense_probe(model: nn.Module, args: ModelArgs) -> bool:
@@ -103,7 +127,8 @@ def measure(model: nn.Module, args: ModelArgs, *, rows: int, seq_len: int, paddi
                                         layers[i].register_forward_hook(leave))]
     model.layers = nn.ModuleList([layers[i] for i in probe])
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                unittest.mock.patch.object(F, "scaled_dot_product_attention", _fused_sdpa):
             if padding_free:
                 tokens = torch.zeros((1, rows * seq_len), dtype=torch.long, device="meta")
                 model(tokens, seq_lens=[seq_len] * rows, hidden_only=True)
