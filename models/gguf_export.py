@@ -72,7 +72,10 @@ def check_exportable(model_dir: str | Path, out_type: str) -> tuple[Any, ModelAr
 
     if out_type not in OUT_TYPES:
         raise ValueError(f"GGUF output type '{out_type}' is not one we write (use one of {', '.join(OUT_TYPES)})")
-    family, args = model_args(model_dir)
+    try:
+        family, args = model_args(model_dir)
+    except FileNotFoundError as e:  # no directory or no config.json: a bad input like the others
+        raise ValueError(str(e)) from None
     arch = ARCHS.get(family.name)
     if arch is None:
         raise ValueError(f"{model_dir}: llama.cpp has no architecture for model family '{family.name}' "
@@ -148,7 +151,7 @@ def _plan(model_dir: Path, family: Any, args: ModelArgs, arch: GGUFArch, qtype: 
     experts: dict[str, list[Callable[[], np.ndarray]]] = {}
     for name in sorted(want, key=_natural):
         path, shape, stored_name = stored[name]
-        load, gguf_name = _reader(path, stored_name), top.get(name)
+        load, gguf_name, is_expert = _reader(path, stored_name), top.get(name), False
         if gguf_name is None:
             for pattern, g, is_expert in layer:
                 if m := pattern.match(name):
@@ -157,12 +160,12 @@ def _plan(model_dir: Path, family: Any, args: ModelArgs, arch: GGUFArch, qtype: 
                     break
             else:
                 raise ValueError(f"{model_dir}: tensor '{name}' has no place in llama.cpp's '{arch.arch}' layout")
-            if is_expert:  # the expert's slice of a stacked tensor, filled in expert order
-                experts.setdefault(gguf_name, []).append(load)
-                shape = (args.num_experts, *shape)
-                load = _stack(experts[gguf_name])
-            else:
-                load = _transform(load, g, arch, args)
+        if is_expert:  # the expert's slice of a stacked tensor, filled in expert order
+            experts.setdefault(gguf_name, []).append(load)
+            shape = (args.num_experts, *shape)
+            load = _stack(experts[gguf_name])
+        else:
+            load = _transform(load, gguf_name.split(".")[-2], arch, args)
         plan[gguf_name] = _Planned(gguf_name, shape, _tensor_type(gguf_name, shape, qtype), load)
     for name, values in _rope_tensors(arch, args).items():
         plan[name] = _Planned(name, values.shape, "F32", lambda v=values: v)

@@ -84,11 +84,12 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
     else:
         raise ValueError(f"{model_dir}: no tokenizer llama.cpp can read (a byte-level BPE tokenizer.json "
                          "or a SentencePiece tokenizer.model)")
+    num_base = len(vocab.tokens)  # the model's own tokens; added ones may lie past them
     for id_, token in added.items():
         while len(vocab.tokens) <= id_:
             vocab.tokens.append(f"[PAD{len(vocab.tokens)}]")
             vocab.types.append(UNUSED)
-        if id_ >= vocab.num_base or vocab.types[id_] == NORMAL:
+        if id_ >= num_base or vocab.types[id_] == NORMAL:
             vocab.tokens[id_] = token["content"]
             vocab.types[id_] = CONTROL if token.get("special") else USER_DEFINED
     if len(vocab.tokens) > vocab_size:
@@ -117,10 +118,6 @@ class _Base:
     types: list[int]
     scores: list[float] | None
     merges: list[str] | None
-
-    @property
-    def num_base(self) -> int:
-        return len(self.tokens)
 
 
 def _bpe_vocab(data: dict[str, Any], path: Path) -> _Base:
