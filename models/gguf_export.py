@@ -78,7 +78,7 @@ def check_exportable(model_dir: str | Path, out_type: str) -> tuple[Any, ModelAr
         raise ValueError(str(e)) from None
     arch = ARCHS.get(family.name)
     if arch is None:
-        raise ValueError(f"{model_dir}: llama.cpp has no architecture for model family '{family.name}' "
+        raise ValueError(f"{model_dir}: model family '{family.name}' has no GGUF export "
                          f"(exportable: {', '.join(ARCHS)})")
     problem = _problem(arch, args)
     if problem is not None:
