@@ -111,7 +111,10 @@ def attend(
     if kernel == "flex":
         return _flex(q, k, v, layout, scale, window, softcap, chunk)
     if kernel == "decode_grouped":
-        return _decode_grouped(q, k, v, scale, window, softcap, layout.mask, chunk)
+        mask = layout.mask
+        if _chunk_by_position(layout, chunk):  # rows padded apart: a mask, not one slice for all
+            mask, chunk = mask & _same_chunk(layout, chunk, k.shape[2]), None
+        return _decode_grouped(q, k, v, scale, window, softcap, mask, chunk)
     if kernel.startswith("per_sequence"):
         lens = layout.seq_lens
         return torch.cat([
@@ -143,18 +146,37 @@ def _limited(kv_len: int, window: int | None, chunk: int | None) -> bool:
     return (window is not None and kv_len > window) or (chunk is not None and kv_len > chunk)
 
 
-def _same_chunk(positions: torch.Tensor, chunk: int) -> torch.Tensor:
-    """positions [b | 1, s] (restarting per packed document) -> bool [b | 1, 1, s, s]."""
-    ids = torch.div(positions, chunk, rounding_mode="floor")
-    return (ids[:, :, None] == ids[:, None, :])[:, None]
+def _chunk_by_position(layout: Layout, chunk: int | None) -> bool:
+    """Whether chunks follow the tokens' positions rather than their indices: packed documents
+    (positions restart) and left-padded cached rows (each row's positions start at its first
+    real token, `training/rollout.py`)."""
+    if chunk is None or layout.positions is None:
+        return False
+    return layout.kind in ("varlen", "masked") or (layout.kind == "cached" and layout.mask is not None)
+
+
+def _same_chunk(layout: Layout, chunk: int, kv_len: int) -> torch.Tensor:
+    """bool [b | 1, 1, s, kv_len]: query and key in the same chunk of positions."""
+    pos = layout.positions  # [b | 1, s], the queries'
+    if layout.kind != "cached":
+        ids = torch.div(pos, chunk, rounding_mode="floor")
+        return (ids[:, :, None] == ids[:, None, :])[:, None]
+    # Key j of a row holds position j - (the row's left padding), read off the last query (left
+    # padding: always a real token). A query always keeps itself, so that a padding query
+    # (position clamped to 0) still has a key and its row stays finite.
+    index = torch.arange(kv_len, device=pos.device)
+    keys = index[None] - (layout.cache_pos + pos.shape[1] - 1 - pos[:, -1:])
+    q_ids, k_ids = (torch.div(t, chunk, rounding_mode="floor") for t in (pos, keys))
+    same = q_ids[:, :, None] == k_ids[:, None, :]
+    itself = index[None, None, :] == layout.cache_pos + torch.arange(pos.shape[1], device=pos.device)[None, :, None]
+    return (same | itself)[:, None]
 
 
 def _mask(layout: Layout, q: torch.Tensor, k: torch.Tensor, window: int | None,
           chunk: int | None = None) -> torch.Tensor | None:
     """The explicit mask of a layout that is not plain causal (None: plain causal)."""
     s, kv_len = q.shape[2], k.shape[2]
-    # Packed documents count chunks from their own starts: by position, not by index in the row.
-    by_position = chunk is not None and layout.kind in ("varlen", "masked") and layout.positions is not None
+    by_position = _chunk_by_position(layout, chunk)
     index_chunk = None if by_position else chunk
     if layout.kind == "varlen":  # document-causal from per-token sequence ids, in the graph
         ids = layout.seq_ids
@@ -168,7 +190,7 @@ def _mask(layout: Layout, q: torch.Tensor, k: torch.Tensor, window: int | None,
         return causal_window_mask(layout.cache_pos, s, kv_len, window, q.device, chunk)
     else:
         return None
-    return mask & _same_chunk(layout.positions, chunk) if by_position else mask
+    return mask & _same_chunk(layout, chunk, kv_len) if by_position else mask
 
 
 def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -382,3 +382,30 @@ def test_peft_loads_our_attention_and_shared_expert_adapter(tmp_path):
     base = transformers.Llama4ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     assert max_logit_diff(theirs, ours, random_tokens(2, SEQ)) <= TOLERANCE
+
+
+def test_left_padded_cached_rows_count_chunks_from_their_first_token(tmp_path):
+    """Rollouts left-pad shorter prompts in a cached batch (`training/rollout.py`): each row's
+    chunks and temperatures follow its own positions, so its logits, prefill and decode, equal
+    the row's own forward."""
+    _, hf_dir = _hf(tmp_path, "scout_like")
+    ours = load_pretrained(hf_dir)
+    lens, total = [21, 12], 30
+    seqs = [random_tokens(1, total - 21 + n, seed=6 + i)[0] for i, n in enumerate(lens)]  # prompt + 9 new
+    width = max(lens)
+    starts = torch.tensor([width - n for n in lens])
+    tokens = torch.stack([torch.cat([torch.zeros(width - n, dtype=torch.long), s]) for n, s in zip(lens, seqs)])
+    cols = torch.arange(tokens.shape[1])
+    key_mask = cols[None] >= starts[:, None]
+    positions = (cols[None] - starts[:, None]).clamp(min=0)
+    with torch.no_grad():
+        ours.setup_caches(2, tokens.shape[1])
+        steps = [ours(tokens[:, :width], input_pos=positions[:, :width], cache_pos=0, key_mask=key_mask)]
+        steps += [ours(tokens[:, i:i + 1], input_pos=positions[:, i:i + 1], cache_pos=i, key_mask=key_mask)
+                  for i in range(width, tokens.shape[1])]
+        ours.reset_caches()
+        got = torch.cat(steps, dim=1)
+        for row, (n, seq) in enumerate(zip(lens, seqs)):
+            want = ours(seq[None])[0]
+            assert torch.isfinite(got[row]).all()
+            assert (got[row, width - n:] - want).abs().max().item() <= TOLERANCE
