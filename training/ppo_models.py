@@ -166,7 +166,8 @@ def evaluate_reward_model(policy: nn.Module, reward_model: nn.Module, batches: A
         out = rollout(policy, [p["prompt_ids"] for p in prompts], max_new_tokens=max_new_tokens, temperature=0.0,
                       stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
         scores = reward_model_scores(reward_model, to_device(rollout_batch(out.prompts, out.completions), device))
-        sums += torch.stack([scores.double().sum(), torch.tensor(float(len(scores)), dtype=torch.float64, device=device)])
+        count = torch.tensor(float(len(scores)), dtype=torch.float64, device=device)
+        sums += torch.stack([scores.double().sum(), count])
     global_sum(sums)
     return {"val_reward": sums[0] / sums[1].clamp(min=1)}
 
