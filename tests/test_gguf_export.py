@@ -289,3 +289,56 @@ def test_cli(tmp_path, dirs, capsys):
     assert tune(["export-gguf", str(dirs["qwen3"]), "--out-type", "q4_k", "--output", str(tmp_path / "x.gguf")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "'q4_k' is not one we write" in err
+
+
+# -- the real SmolLM2 after the quickstart (called by test_quickstart's slow run) ------------------
+
+PARIS_TEXT = ("The Eiffel Tower was built for the 1889 World's Fair in Paris. It is 330 metres tall and "
+              "was the tallest man-made structure in the world until 1930. Millions of people visit it "
+              "every year, and it has become a symbol of France.")
+
+
+def check_exported_smollm2(merged: Path, work: Path) -> None:
+    """The quickstart's fine-tuned SmolLM2 as a Q8_0 GGUF, read by transformers' GGUF loader
+    (weights, tokenizer and chat template from the file alone): its greedy answer still names
+    Paris, and its next-token choices agree with our model's on >= 99% of a text."""
+    out = export_gguf(merged, "q8_0", work / "smollm2-q8_0.gguf")
+    tok = transformers.AutoTokenizer.from_pretrained(work, gguf_file=out.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(work, gguf_file=out.name).eval()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert prompt["input_ids"][0].tolist() == load_tokenizer(merged).tokenize_messages(
+        messages, add_generation_prompt=True)[0]
+    with torch.no_grad():
+        answer = model.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    assert "Paris" in tok.decode(answer), tok.decode(answer)
+    ours = load_pretrained(merged, dtype="fp32").eval()
+    ids = torch.tensor([load_tokenizer(merged).encode(PARIS_TEXT)])
+    with torch.no_grad():
+        agree = (model(ids).logits.argmax(-1) == ours(ids).argmax(-1)).float().mean().item()
+    assert agree >= 0.99, agree
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    """A SentencePiece tokenizer.model (Mistral v0.1's) as llama.cpp's `llama` vocabulary: pieces,
+    scores and types as sentencepiece reports them, and transformers' GGUF tokenizer, built from
+    the file's metadata alone, encodes as our tokenizer of the original directory."""
+    import sentencepiece
+    from tok_assets import MISTRAL_V1, package_file
+
+    model_dir = tiny_dir(tmp_path, "mistral", vocab_size=32000, sliding_window=None)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (model_dir / name).unlink()
+    shutil.copy(package_file("mistral_common", MISTRAL_V1), model_dir / "tokenizer.model")
+    out = export_gguf(model_dir, "f16", tmp_path / "sp.gguf")
+    m = read_gguf(out).metadata
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    assert m["tokenizer.ggml.model"] == "llama" and m["tokenizer.ggml.add_bos_token"] is True
+    assert m["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(32000)]
+    assert np.allclose(m["tokenizer.ggml.scores"], [sp.get_score(i) for i in range(32000)])
+    assert m["tokenizer.ggml.token_type"][:4] == [2, 3, 3, 6]  # <unk>, <s>, </s>, <0x00>
+    assert (m["tokenizer.ggml.bos_token_id"], m["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    ours = load_tokenizer(model_dir)
+    for text in ["Hello world", "The capital of France is Paris.", "héllo — ünïcode ✓ 12345"]:
+        assert hf.encode(text) == ours.encode(text, add_bos=True), text
