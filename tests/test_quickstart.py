@@ -122,3 +122,9 @@ def test_quickstart_fine_tunes_smollm2_and_improves_it(tmp_path, capsys):
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
                  "merged/model.safetensors", "merged/tokenizer.json", "metrics.jsonl"):
         assert (tmp_path / "lora" / name).is_file(), name
+
+    # The same model exported as a Q8_0 GGUF, read back by transformers' GGUF loader, still
+    # answers "Paris" and agrees with our model (tests/test_gguf_export.py; no second quickstart).
+    from test_gguf_export import check_exported_smollm2
+
+    check_exported_smollm2(tmp_path / "lora" / "merged", tmp_path)
