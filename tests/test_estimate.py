@@ -71,7 +71,11 @@ def _reference_counts(cfg) -> tuple[int, int, int, int]:
     return nbytes(trainable), nbytes(frozen), state, max((nbytes([p]) for p in trainable), default=0)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS])
+# The tiny configs run in the fast tier; the real-model ones (a few seconds each on meta, ~7
+# minutes for all on a loaded 2-core machine) in the slow tier.
+@pytest.mark.parametrize("path", [pytest.param(p, id=str(p.relative_to(REPO / "configs")),
+                                               marks=() if p.stem.startswith("tiny") else pytest.mark.slow)
+                                  for p in CONFIGS])
 def test_parameter_gradient_optimizer_bytes_are_exact(path):
     from tunewright.training.estimate.terms import estimate
 

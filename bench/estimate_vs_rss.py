@@ -1,0 +1,126 @@
+"""`tune estimate`'s CPU total against the peak RSS a real run reaches above its start-up.
+
+    .venv/bin/python bench/estimate_vs_rss.py [--steps 3] [--only tiny_full,...]
+
+Each case runs the sft recipe in a fresh subprocess, with packed rows so every micro-batch
+holds exactly batch_size x max_seq_len tokens (the estimate's assumption). "Start-up" is the
+process's RSS (VmRSS) after torch, tunewright, the recipe and the modules its `main` imports
+(with `datasets`, `torch._dynamo` and torchao, which the run imports on first use) are imported
+and the config is loaded and validated, just before `main(cfg)`: no model, data or tokenizer
+exists yet. The peak is the largest `peak_rss_mb` (ru_maxrss) the run logs over its
+steps (step 2 on has the optimizer state). Measured = peak - start-up; the estimate is
+`training/estimate`'s total for the same config in this process. Data, tokenizer and the
+allocator's slack are in the measured figure and in no estimated term.
+
+Cases: full, LoRA and QLoRA of the tiny Llama and of a random model of SmolLM2-135M's shape
+(made once under /tmp, with the tiny byte tokenizer), fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SMOL_DIR = Path("/tmp/tunewright-bench/smollm2_135m_random")
+
+CHILD = r"""
+import importlib, json, sys
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+import torch
+from tunewright.training.entry import import_recipe, load_recipe_config
+module = import_recipe(sys.argv[1])
+cfg = load_recipe_config(module, sys.argv[2], sys.argv[3:])
+for name in ("batching", "data_setup", "instantiate", "lora_setup", "objectives", "offload", "optim",
+             "optim_in_backward", "placement", "run", "setup", "state", "estimate", "estimate.terms"):
+    importlib.import_module(f"tunewright.training.{name}")
+for name in ("tunewright.modules.peft.qlora", "tunewright.data", "tunewright.data.tokenizer", "datasets",
+             "torch._dynamo", "torchao"):
+    importlib.import_module(name)
+start = rss_mb()
+history = module.main(cfg)
+print("RESULT " + json.dumps({"startup_mb": start, "peak_mb": max(r["peak_rss_mb"] for r in history)}))
+"""
+
+
+def smollm2_dir() -> Path:
+    """A random SmolLM2-135M-shaped model in Hugging Face format with the tiny tokenizer."""
+    if (SMOL_DIR / "config.json").is_file():
+        return SMOL_DIR
+    from tunewright.models import find_size, save_pretrained
+    from tunewright.models.builder import init_weights
+    from tunewright.models.pretrained import build_model
+    from tunewright.training.tiny_assets import tiny_asset
+
+    _, args = find_size("smollm2_135m")
+    model = build_model(args, device="cpu")
+    init_weights(model, seed=0)
+    save_pretrained(model, SMOL_DIR, source_dir=tiny_asset("llama"), dtype="fp32")
+    return SMOL_DIR
+
+
+def cases(steps: int) -> dict[str, tuple[str, list[str]]]:
+    common = ["dataset.packed=true", f"max_steps={steps}", "eval_every_n_steps=null", "save_every_n_steps=null",
+              "~val_dataset", "save_final_model=false", "progress_bar=false", "overwrite_output_dir=true",
+              "log_every_n_steps=1"]
+    tiny = ["batch_size=8", "tokenizer.max_seq_len=512"]
+    smol = [f"model.path={SMOL_DIR}", "batch_size=1", "tokenizer.max_seq_len=256"]
+    lora = ["save_adapter=false"]
+    return {
+        "tiny_full": ("llama/tiny_full", common + tiny),
+        "tiny_lora": ("llama/tiny_lora", common + tiny + lora),
+        "tiny_qlora": ("llama/tiny_lora", common + tiny + lora + ["quantize_base=true"]),
+        "smollm2_full": ("llama/tiny_full", common + smol),
+        "smollm2_lora": ("llama/tiny_lora", common + smol + lora),
+        "smollm2_qlora": ("llama/tiny_lora", common + smol + lora + ["quantize_base=true"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated case names")
+    opts = parser.parse_args()
+
+    from tunewright.training.entry import import_recipe, load_recipe_config
+    from tunewright.training.estimate.terms import estimate
+    from tunewright.tune_cli.catalog import find_config
+
+    smollm2_dir()
+    recipe = REPO / "recipes" / "sft.py"
+    rows = []
+    for name, (config, overrides) in cases(opts.steps).items():
+        if opts.only and name not in opts.only.split(","):
+            continue
+        path = find_config(config)[0]
+        overrides = [*overrides, f"output_dir=/tmp/tunewright-bench/{name}"]
+        est = estimate(load_recipe_config(import_recipe(recipe), path, overrides))
+        done = subprocess.run([sys.executable, "-c", CHILD, str(recipe), str(path), *overrides],
+                              capture_output=True, text=True, cwd=REPO)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{name}: failed\n{done.stderr[-2000:]}", flush=True)
+            continue
+        got = json.loads(line[len("RESULT "):])
+        measured = got["peak_mb"] - got["startup_mb"]
+        estimated = est.total / 2**20
+        terms = {t.name: round(t.bytes / 2**20, 1) for t in est.terms}
+        row = {"case": name, "estimate_mb": round(estimated, 1), "measured_mb": round(measured, 1),
+               "error_pct": round(100 * (estimated - measured) / measured, 1),
+               "startup_mb": round(got["startup_mb"], 1), "peak_mb": got["peak_mb"], "terms_mb": terms}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("| case | estimate MiB | measured MiB (peak - start-up) | error |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['case']} | {r['estimate_mb']} | {r['measured_mb']} | {r['error_pct']:+.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
