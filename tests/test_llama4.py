@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from tests.hf_reference import (TOLERANCE, VOCAB, assert_saved_reloads, make_hf_model, max_logit_diff,
                                 random_tokens)
 from tunewright.models import load_pretrained
-from tunewright.models.llama4 import SIZES, hf_config
+from tunewright.models.llama4 import SIZES, args_from_hf, hf_config
 from tunewright.models.pretrained import build_model
 from tunewright.modules.moe import MoE
 
@@ -182,6 +182,7 @@ def test_size_rows_have_transformers_parameter_count(size):
     want = sum(p.numel() for p in hf_model.parameters())
     assert sum(p.numel() for p in build_model(args).parameters()) == want == args.num_params()
     assert want > (100e9 if size.endswith("16e") else 390e9)  # 109B and 400B as announced
+    assert args_from_hf(json.loads(json.dumps(hf_config(args)))) == args  # the config we write reads back
 
 
 # ---------------------------------------------------------------- variants we cannot map

@@ -154,7 +154,7 @@ def hf_config(a: ModelArgs) -> dict[str, Any]:
         "hidden_act": a.activation,
         "attention_bias": a.attn_bias,
         "rope_theta": a.rope_base,
-        "rope_scaling": a.rope_scaling,
+        "rope_scaling": dict(a.rope_scaling) if a.rope_scaling else None,  # a copy: readers edit theirs
         "use_qk_norm": a.qk_norm,
         "no_rope_layers": [int(a.has_rope(i)) for i in range(a.num_layers)],
         "layer_types": [a.layer_type(i) for i in range(a.num_layers)],
