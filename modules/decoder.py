@@ -125,6 +125,7 @@ class Decoder(nn.Module):
         cache_pos: int | None = None,
         seq_lens: Sequence[int] | None = None,
         key_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
         hidden_only: bool = False,
     ) -> torch.Tensor:
         """tokens [b, s] -> logits [b, s, vocab] (or normed hidden [b, s, dim] if hidden_only).
@@ -135,14 +136,17 @@ class Decoder(nn.Module):
         tokens [1, T] hold independent sequences of these lengths end to end (padding-free
         training, see `training/unpad.py`), with input_pos restarting for each; key_mask
         [b, cache length]: with cache_pos, which cached positions hold real tokens (False for
-        the left padding of shorter prompts in a batch, `training/rollout.py`).
+        the left padding of shorter prompts in a batch, `training/rollout.py`); attn_mask
+        [b | 1, 1, s, s] bool (True = attend): an explicit mask instead of causal attention, for
+        layouts no other argument expresses (a prompt shared by its completions,
+        `training/grpo.py`); positions come from input_pos, windows are not applied to it.
         """
         with compute_autocast(self, tokens.device):  # mixed precision: modules/precision.py
-            return self._forward(tokens, input_pos, doc_ids, cache_pos, seq_lens, key_mask, hidden_only)
+            return self._forward(tokens, input_pos, doc_ids, cache_pos, seq_lens, key_mask, hidden_only, attn_mask)
 
     def _forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None, doc_ids: torch.Tensor | None,
                  cache_pos: int | None, seq_lens: Sequence[int] | None, key_mask: torch.Tensor | None,
-                 hidden_only: bool) -> torch.Tensor:
+                 hidden_only: bool, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, s = tokens.shape
         h = self.tok_embeddings(tokens)
         if self.embed_scale is not None:
@@ -152,7 +156,8 @@ class Decoder(nn.Module):
             input_pos = torch.arange(start, start + s, device=tokens.device).expand(b, s)
         cos_sin = self.rope.cos_sin(input_pos, h.dtype)
         local_cos_sin = cos_sin if self.local_rope is None else self.local_rope.cos_sin(input_pos, h.dtype)
-        layout = self.layout(tokens, doc_ids=doc_ids, cache_pos=cache_pos, seq_lens=seq_lens, key_mask=key_mask)
+        layout = self.layout(tokens, doc_ids=doc_ids, cache_pos=cache_pos, seq_lens=seq_lens, key_mask=key_mask) \
+            if attn_mask is None else Layout("masked", mask=attn_mask)
         layout.positions = input_pos  # chunked attention and query temperatures (Llama 4) read them
         if layout.kind in ("varlen", "batch"):
             # Every training batch has its own length (and the last one fewer rows): compiled

@@ -51,6 +51,10 @@ class Config(TrainConfig, LoRAConfig, ParallelConfig):
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False
     dynamic_sampling: bool = False
+    # The training forward computes each group's prompt once, its completions attending to it
+    # (the same numbers; P + G*C tokens instead of G*(P + C)); models with sliding windows or
+    # chunked attention compute each row whole whatever this says.
+    share_prompt_forward: bool = True
 
 
 def main(cfg: Config) -> list[dict]:
@@ -67,7 +71,8 @@ def main(cfg: Config) -> list[dict]:
     from tunewright.training.batching import StepBatches, global_sum, to_device
     from tunewright.training.data_setup import build_data
     from tunewright.training.grpo import (check_grpo_config, completion_logprobs, completion_mask, group_advantages,
-                                          micro_batches, padded, policy_loss, rollout_batch, zero_variance_groups)
+                                          micro_batches, padded, policy_loss, rollout_batch, shared_prompt_batch,
+                                          shares_prompts, zero_variance_groups)
     from tunewright.training.instantiate import instantiate
     from tunewright.training.lora_setup import add_lora, peft_adapter_ok
     from tunewright.training.optim import build_optimizer, optimizer_step
@@ -99,6 +104,7 @@ def main(cfg: Config) -> list[dict]:
         model = place.load_model(cfg.model, adapt=partial(add_lora, cfg=cfg) if lora else None,
                                  quantize_base=lora and cfg.quantize_base)
         write_adapter = lora and peft_adapter_ok(model, cfg)
+        make_batch = shared_prompt_batch if cfg.share_prompt_forward and shares_prompts(model) else rollout_batch
         logp_options = dict(chunk_size=cfg.loss_chunk_size, temperature=cfg.temperature)
         reference = None
         if cfg.beta and not lora:
@@ -152,7 +158,7 @@ def main(cfg: Config) -> list[dict]:
             old_logps = padded(torch.cat(out.logprobs), tokens_at)  # what the rows were sampled with
             pieces = micro_batches(len(out), num_minibatches=cfg.num_minibatches,
                                    accumulation=cfg.gradient_accumulation_steps)
-            batches = {(s.start, s.stop): to_device(rollout_batch(out.prompts[s], out.completions[s]), device)
+            batches = {(s.start, s.stop): to_device(make_batch(out.prompts[s], out.completions[s]), device)
                        for minibatch in pieces for s in minibatch}
             ref_logps = None
             if cfg.beta:

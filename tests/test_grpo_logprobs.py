@@ -105,3 +105,50 @@ def test_memory_kept_for_backward_is_a_small_part_of_the_logits():
     logits_bytes = batch["tokens"].numel() * vocab * 4
     assert kept(lambda: completion_logprobs(model, batch, chunk_size=64)) - decoder <= logits_bytes / 8
     assert kept(full_logits) - decoder >= logits_bytes
+
+
+# ---------------------------------------------------------------- a prompt computed once per group
+GROUP_PROMPTS = [[1, 5, 7, 9]] * 3 + [[3, 4]] * 2 + [[8, 8, 2, 60, 7, 9, 10]]  # groups of 3, 2, 1
+GROUP_COMPLETIONS = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21], [22, 23, 24], [25]]
+
+
+def _full_logits_of(model, prompts, completions):
+    logps = []
+    for p, c in zip(prompts, completions):
+        logits = model(torch.tensor([p + c]))[0, len(p) - 1:-1].float()
+        logps.append(logits.log_softmax(-1).gather(1, torch.tensor(c)[:, None]).squeeze(1))
+    return torch.cat(logps)
+
+
+def test_a_shared_prompt_batch_gives_each_rows_logprobs_and_gradients():
+    """Each group's prompt once, its completions attending to it: every row's numbers and the
+    gradients are those of the row computed alone (whole logits, independent of the layout)."""
+    from tunewright.training.grpo import shared_prompt_batch, shares_prompts
+
+    model = _model()
+    assert shares_prompts(model)
+    batch = shared_prompt_batch(GROUP_PROMPTS, GROUP_COMPLETIONS)
+    assert batch["tokens"].shape[0] == 3  # one row per group
+    # the forward's tokens: each prompt once (less its last token, repeated per completion)
+    assert batch["num_tokens"] == (3 + 1 + 6) + sum(len(c) + 1 for c in GROUP_COMPLETIONS) == 31
+    assert sum(len(p) + len(c) for p, c in zip(GROUP_PROMPTS, GROUP_COMPLETIONS)) == 38  # row by row
+    weights = torch.randn(sum(map(len, GROUP_COMPLETIONS)), generator=torch.Generator().manual_seed(2))
+    logp, _, rows = completion_logprobs(model, batch, chunk_size=5)
+    assert rows.tolist() == [i for i, c in enumerate(GROUP_COMPLETIONS) for _ in c]
+    (logp * weights).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    want = _full_logits_of(model, GROUP_PROMPTS, GROUP_COMPLETIONS)
+    (want * weights).sum().backward()
+    torch.testing.assert_close(logp, want.detach(), rtol=0, atol=1e-5)
+    for name, param in model.named_parameters():  # fp32 sums in another order: 1e-5 of the largest
+        assert (got[name] - param.grad).abs().max() <= 1e-5 * param.grad.abs().max(), name
+
+
+def test_models_with_windows_do_not_share_prompts():
+    from tunewright.training.grpo import shares_prompts
+
+    torch.manual_seed(0)
+    windowed = build_model(ModelArgs(family="mistral", vocab_size=301, dim=64, num_layers=2, num_heads=4,
+                                     num_kv_heads=2, intermediate_dim=128, sliding_window=8), device="cpu")
+    assert not shares_prompts(windowed)

@@ -51,6 +51,19 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path: Path) -> None:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
+def test_a_prompt_computed_once_per_group_trains_as_each_row_whole(tmp_path: Path) -> None:
+    """share_prompt_forward (the default) against every row forwarded whole: the same losses,
+    gradients and so the same next rollouts, up to fp32 summation order."""
+    common = ["max_steps=3", "ppo_epochs=2", "num_minibatches=2", "beta=0.1", *FAST]
+    shared = run_recipe_file(RECIPE, TINY, [f"output_dir={tmp_path / 'shared'}", *common])
+    whole = run_recipe_file(RECIPE, TINY, [f"output_dir={tmp_path / 'whole'}", "share_prompt_forward=false", *common])
+    for a, b in zip(shared, whole, strict=True):
+        assert a["reward"] == b["reward"] and a["completion_length"] == b["completion_length"], a["step"]
+        for key in ("loss", "grad_norm", "kl", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert max(r["first_ratio_error"] for r in shared) < 1e-5
+
+
 def test_kill_and_resume_gives_the_uninterrupted_rewards_and_losses(tmp_path: Path, monkeypatch) -> None:
     common = ["max_steps=4", "ppo_epochs=1", "num_minibatches=1", *FAST, "save_every_n_steps=2"]
     straight = tmp_path / "straight"

@@ -38,6 +38,9 @@ def hidden_states(model: nn.Module, batch: Batch, *, padding_free: bool = True) 
     reads lengths back, which a training loop avoids by collating flat)."""
     from tunewright.training.unpad import flatten_batch, is_flat
 
+    if "attn_mask" in batch:  # rows laid out with an explicit mask (`grpo.shared_prompt_batch`)
+        hidden = model(batch["tokens"], input_pos=batch["input_pos"], attn_mask=batch["attn_mask"], hidden_only=True)
+        return hidden, batch["labels"], batch["target_rows"]
     if not is_flat(batch) and padding_free and ("seq_lens" in batch or "doc_ids" in batch):
         batch = flatten_batch(batch)
     if is_flat(batch):
