@@ -63,6 +63,7 @@ class ModelArgs:
     shared_expert_dim: int | None = None  # an always-on expert of this hidden size in each MoE layer
     # --- score head (reward / value models, models/score.py); None: the LM head over the vocabulary ---
     num_labels: int | None = None
+    score_per_token: bool = False  # the score head reads every token (*ForTokenClassification: a PRM)
 
     def __post_init__(self) -> None:
         problem = next(_shape_problems(self), None)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from tunewright.models.args import ModelArgs
 from tunewright.models.builder import build_decoder
-from tunewright.models.score import config_num_labels
+from tunewright.models.score import config_num_labels, is_token_classifier
 from tunewright.models.weight_map import WeightMap
 
 
@@ -48,6 +48,7 @@ def shape_from_hf(
         max_seq_len=c.get("max_position_embeddings", max_seq_len),
         tie_embeddings=bool(c.get("tie_word_embeddings", tie_embeddings)),
         num_labels=config_num_labels(c),  # a *ForSequenceClassification checkpoint's score head
+        score_per_token=is_token_classifier(c),  # or a *ForTokenClassification one's
     )
 
 

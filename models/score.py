@@ -12,6 +12,13 @@ Face's sequence-classification layout: the family's `model.*` tensors, `score.we
 `LlamaForSequenceClassification`), `num_labels`, `id2label`, `pad_token_id` in config.json, so
 `transformers.AutoModelForSequenceClassification` loads it and we load it back.
 
+A process reward model reads the same head at every token instead (`token_scores`, at the
+step separators its labels mark): `model.args.score_per_token`, saved as transformers'
+*ForTokenClassification (`LlamaForTokenClassification`), whose `score` is an `nn.Linear` with a
+bias unless config.json says `token_classification_bias: false`, which ours says: one head, the
+same bias-free `score.weight` for both kinds (a transformers without that key starts the bias
+at zero, which gives the same scores).
+
 A fresh head is drawn from normal(0, 1/sqrt(dim + 1)) (OpenAI's lm-human-preferences reward
 head): the final norm leaves hidden states of about unit RMS, so initial scores have a standard
 deviation near 1, where Bradley-Terry's sigmoid is neither flat nor saturated (HF's default,
@@ -51,19 +58,25 @@ HEAD = "output.weight"  # our name of the head's weight, LM head or score head a
 HF_SCORE = "score.weight"
 HF_LM_HEAD = "lm_head.weight"
 _SUFFIX = "ForSequenceClassification"
+_TOKEN_SUFFIX = "ForTokenClassification"
 
 
-def classifier_architecture(family: str) -> str:
+def classifier_architecture(family: str, *, per_token: bool = False) -> str:
     if family not in ARCHITECTURES:
         raise ValueError(f"model family '{family}' has no sequence-classification layout, so it cannot "
                          f"take a score head (reward/value model); families that can: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[family]
+    return ARCHITECTURES[family].replace(_SUFFIX, _TOKEN_SUFFIX) if per_token else ARCHITECTURES[family]
+
+
+def is_token_classifier(config: dict[str, Any]) -> bool:
+    return any(str(a).endswith(_TOKEN_SUFFIX) for a in config.get("architectures") or [])
 
 
 def config_num_labels(config: dict[str, Any]) -> int | None:
-    """The labels of a config.json that describes a *ForSequenceClassification model, else None.
-    transformers counts `id2label` first and defaults to 2 when a config gives neither."""
-    if not any(str(a).endswith(_SUFFIX) for a in config.get("architectures") or []):
+    """The labels of a config.json that describes a *ForSequenceClassification (or
+    *ForTokenClassification) model, else None. transformers counts `id2label` first and defaults
+    to 2 when a config gives neither."""
+    if not any(str(a).endswith(_SUFFIX) for a in config.get("architectures") or []) and not is_token_classifier(config):
         return None
     id2label = config.get("id2label")
     return len(id2label) if id2label else int(config.get("num_labels") or 2)
@@ -143,8 +156,11 @@ def classification_config(config: dict[str, Any], args: ModelArgs, source_dir: P
     pad = config.get("pad_token_id")
     if pad is None and source_dir is not None:
         pad = _tokenizer_pad_id(source_dir)
-    return {**config, "architectures": [classifier_architecture(args.family)], "num_labels": n,
-            "id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}, "pad_token_id": pad}
+    out = {**config, "architectures": [classifier_architecture(args.family, per_token=args.score_per_token)],
+           "num_labels": n, "id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}, "pad_token_id": pad}
+    if args.score_per_token:
+        out["token_classification_bias"] = False  # our head has none (module docstring)
+    return out
 
 
 def _tokenizer_pad_id(model_dir: Path) -> int | None:
@@ -206,3 +222,32 @@ def sequence_scores(model: nn.Module, batch: dict[str, Any], *, padding_free: bo
         else:  # padded: [rows, s, dim]
             h = hidden[torch.arange(num_rows, device=hidden.device), torch.tensor(lengths, device=hidden.device) - 1]
         return model.head(h).float()
+
+
+def score_per_token(model: nn.Module) -> nn.Module:
+    """Mark `model`'s score head as read at every token (a PRM), so it saves as transformers'
+    *ForTokenClassification. Call it before `Placement.load_model` copies the model's shape
+    for sharded saving, i.e. inside `adapt`, or on a model that one device holds."""
+    classifier_architecture(model.args.family)
+    model.args = model.args.replace(score_per_token=True)
+    return model
+
+
+def token_scores(model: nn.Module, batch: dict[str, Any], *, padding_free: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the score head at each labelled position [num_targets, num_labels] float32,
+    differentiable; those labels [num_targets]). Only labelled positions go through the head:
+    a PRM's labels sit on its step separators, a few tokens per row."""
+    from tunewright.data.tokenizer.base import IGNORE_INDEX
+    from tunewright.modules.precision import compute_autocast
+    from tunewright.training.objectives import hidden_states
+
+    if getattr(model.args, "num_labels", None) is None:
+        raise ValueError("the model has no score head (a causal LM); load it with model.num_labels: 2")
+    with compute_autocast(model, batch["tokens"].device):
+        hidden, labels, _ = hidden_states(model, batch, padding_free=padding_free)
+        index = batch.get("target_index")  # host-made by collate_flat: no device sync
+        if index is None or labels.shape[0] != 1:
+            index = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # [num_targets]
+        h = hidden.reshape(-1, hidden.shape[-1])[index]  # [num_targets, dim]
+        return model.head(h).float(), labels.reshape(-1)[index]

@@ -79,11 +79,10 @@ def main(cfg: Config) -> list[dict]:
     import torch
 
     from tunewright.models.score import require_score_head
-    from tunewright.modules.peft.apply import normalize_targets
     from tunewright.training.batching import StepBatches, global_sum, to_device, token_counts
     from tunewright.training.data_setup import build_data
     from tunewright.training.instantiate import instantiate
-    from tunewright.training.lora_setup import add_lora, peft_adapter_ok
+    from tunewright.training.lora_setup import add_lora_with_score_head, check_score_head_targets, peft_adapter_ok
     from tunewright.training.optim import build_optimizer, optimizer_step
     from tunewright.training.placement import Placement
     from tunewright.training.preference import MetricSums, evaluate_preference, pair_count
@@ -94,8 +93,7 @@ def main(cfg: Config) -> list[dict]:
     # ------------------------------------------------------------------ set-up
     lora = cfg.lora_rank is not None
     require_score_head(cfg.model, num_labels=1)  # the model's config.json only: seconds
-    if lora and "output" in normalize_targets(cfg.lora_targets):
-        raise ValueError("lora_targets: 'output' is the score head, which trains whole; leave it out")
+    check_score_head_targets(cfg)
     seed_everything(cfg.seed)
     with Placement(cfg) as place:
         run = Run.from_config(cfg, checkpointer=place.checkpointer())
@@ -109,13 +107,9 @@ def main(cfg: Config) -> list[dict]:
         data = StepBatches.from_config(train, cfg)  # the micro-batches of each step, epoch by epoch
 
         # -------------------------------------------------------------- model: LoRA adapters, and
-        # the score head trains whole (usually new; PEFT's modules_to_save)
-        def adapt(model: torch.nn.Module) -> list[str]:
-            adapted = add_lora(model, cfg=cfg)
-            model.output.weight.requires_grad_(True)
-            return adapted
-
-        model = place.load_model(cfg.model, adapt=adapt if lora else None, quantize_base=lora and cfg.quantize_base)
+        # the score head trains whole
+        adapt = partial(add_lora_with_score_head, cfg=cfg) if lora else None
+        model = place.load_model(cfg.model, adapt=adapt, quantize_base=lora and cfg.quantize_base)
         write_adapter = lora and peft_adapter_ok(model, cfg)
 
         # -------------------------------------------------------------- optimizer, schedule, state

@@ -210,6 +210,10 @@ MINIMAL = {
     "reward_model": {"recipe": "reward_model", "output_dir": "/o", "model": MODEL, "tokenizer": TOKENIZER,
                      "dataset": {"_component_": "tunewright.data.preference.preference_dataset", "source": "/p.jsonl"},
                      "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4}},
+    "process_reward_model": {"recipe": "process_reward_model", "output_dir": "/o", "model": MODEL,
+                             "tokenizer": TOKENIZER, "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4},
+                             "dataset": {"_component_": "tunewright.data.step_labels.step_label_dataset",
+                                         "source": "/s.jsonl"}},
     "knowledge_distillation": {"recipe": "knowledge_distillation", "output_dir": "/o", "model": MODEL,
                                "teacher_model": MODEL, "tokenizer": TOKENIZER, "dataset": DATASET,
                                "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4}},
@@ -254,6 +258,8 @@ DEFAULTS = {
             "desirable_weight": 1.0, "undesirable_weight": 1.0, "precompute_ref_logps": False, "lora_rank": None,
             "padding_free": True},
     # TRL's RewardConfig: no centring unless asked (it suggests 0.01); LoRA and saving as sft.
+    # TRL's PRMConfig has no keys of its own that apply here (step_separator is the dataset's)
+    "process_reward_model": {**RUN_DEFAULTS, "lora_rank": None, "save_final_model": None, "padding_free": True},
     "reward_model": {**RUN_DEFAULTS, "center_rewards_coefficient": None, "lora_rank": None, "save_final_model": None,
                      "save_adapter": True, "padding_free": True, "clip_grad_norm": 1.0},
     # torchtune's KD recipe: forward KL, kd_ratio 0.5, temperature 1; off-policy unless lmbda > 0

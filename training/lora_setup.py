@@ -29,6 +29,23 @@ def add_lora(model: nn.Module, cfg: Any) -> list[str]:
     return adapted
 
 
+def check_score_head_targets(cfg: Any) -> None:
+    """A score head (reward models) trains whole, so it is never a LoRA target: say so before
+    any work."""
+    from tunewright.modules.peft.apply import normalize_targets
+
+    if cfg.lora_rank is not None and "output" in normalize_targets(cfg.lora_targets):
+        raise ValueError("lora_targets: 'output' is the score head, which trains whole; leave it out")
+
+
+def add_lora_with_score_head(model: nn.Module, cfg: Any) -> list[str]:
+    """`add_lora` on a model with a score head, which trains whole: it is usually new (PEFT's
+    `modules_to_save`)."""
+    adapted = add_lora(model, cfg=cfg)
+    model.output.weight.requires_grad_(True)
+    return adapted
+
+
 def has_peft_format(model: nn.Module) -> bool:
     """Whether PEFT's format can hold the model's adapters: it has no place yet for LoRA on
     stacked MoE experts (checkpoints still hold them, so resume works, and `save_final_model`

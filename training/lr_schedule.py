@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -18,12 +19,23 @@ def cosine_with_warmup(
 ) -> LambdaLR:
     """Linear warm-up from 0, then cosine decay to `min_lr_ratio * lr` at the last step."""
 
+    def cosine(progress: float) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * progress))
+
+    return _warmup_then(optimizer, cosine, num_training_steps=num_training_steps,
+                        num_warmup_steps=num_warmup_steps, min_lr_ratio=min_lr_ratio)
+
+
+def _warmup_then(optimizer: Optimizer, decay: Callable[[float], float], *, num_training_steps: int,
+                 num_warmup_steps: int, min_lr_ratio: float) -> LambdaLR:
+    """Linear warm-up from 0, then `decay(progress)` (progress 0 -> 1 over the remaining steps,
+    held at 1 after them) lifted onto [min_lr_ratio, 1]."""
+
     def factor(step: int) -> float:
         if step < num_warmup_steps:
             return step / max(1, num_warmup_steps)
         progress = (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps)
-        cosine = 0.5 * (1.0 + math.cos(math.pi * num_cycles * 2.0 * min(progress, 1.0)))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
+        return min_lr_ratio + (1.0 - min_lr_ratio) * decay(min(progress, 1.0))
 
     return LambdaLR(optimizer, factor)
 
@@ -55,12 +67,8 @@ def rex_with_warmup(
     if not 0.0 < rex_beta <= 1.0:
         raise ValueError(f"lr_scheduler.rex_beta must be in (0, 1], got {rex_beta}")
 
-    def factor(step: int) -> float:
-        if step < num_warmup_steps:
-            return step / max(1, num_warmup_steps)
-        progress = min(1.0, (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps))
-        remaining = 1.0 - progress
-        rex = remaining / ((1.0 - rex_beta) + rex_beta * remaining)
-        return min_lr_ratio + (1.0 - min_lr_ratio) * rex
+    def rex(progress: float) -> float:
+        return (1.0 - progress) / ((1.0 - rex_beta) + rex_beta * (1.0 - progress))
 
-    return LambdaLR(optimizer, factor)
+    return _warmup_then(optimizer, rex, num_training_steps=num_training_steps,
+                        num_warmup_steps=num_warmup_steps, min_lr_ratio=min_lr_ratio)

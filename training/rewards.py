@@ -1,6 +1,7 @@
 """Reward functions of online RL (GRPO): each scores a batch of completions, and a `RewardSet`
 weighs them into one reward per completion. Built in: `reasoning_gym_score`, `exact_match`,
-`format_reward`, `length_penalty`, `overlong_penalty`, `reward_model` (a trained reward model).
+`format_reward`, `length_penalty`, `overlong_penalty`, `reward_model` (a trained reward model),
+`process_reward_model` (a trained PRM, step by step).
 
 One signature (TRL's), for built-in and user functions alike:
 
@@ -152,6 +153,57 @@ def reward_model(path: str, *, batch_size: int = 16, device: str = "cpu") -> Rew
         return scores
 
     return _named(reward, "reward_model")
+
+
+def process_reward_model(path: str, *, aggregate: str = "min", step_separator: str = "\n", batch_size: int = 16,
+                         device: str = "cpu") -> RewardFn:
+    """A process reward model (`recipes/process_reward_model.py`'s `final/` or `merged/`) as a
+    reward function: each completion is cut into steps at `step_separator` (empty steps
+    dropped), laid out as the PRM was trained (`data/step_labels.py`: the prompt's text, then
+    each step and its separator), and each step scored by P(right) at its separator.
+    `aggregate` makes one reward of them: `min` (the weakest step, as Lightman et al. 2023 and
+    Math-Shepherd score a solution), `last`, `mean` or `prod`. A completion with no step gets
+    None. A chat prompt is scored by its last message's text."""
+    from tunewright.data.collate import collate_flat
+    from tunewright.data.step_labels import encode_steps
+    from tunewright.data.tokenizer.base import IGNORE_INDEX
+    from tunewright.data.tokenizer import load_tokenizer
+    from tunewright.models import load_pretrained
+    from tunewright.models.score import token_scores
+    from tunewright.training.batching import to_device
+
+    reduce = {"min": min, "last": lambda p: p[-1], "mean": lambda p: sum(p) / len(p), "prod": math.prod}
+    if aggregate not in reduce:
+        raise ValueError(f"process_reward_model: aggregate must be one of {', '.join(reduce)}, got {aggregate!r}")
+    model = load_pretrained(path, device=device).eval()
+    if not getattr(model.args, "score_per_token", False) or model.args.num_labels != 2:
+        raise ValueError(f"process_reward_model: {path} is not a process reward model (its config.json needs a "
+                         "*ForTokenClassification architecture with 2 labels)")
+    tokenizer = load_tokenizer(path)
+    separator_ids = tokenizer.encode(step_separator)
+
+    @torch.no_grad()
+    def reward(prompts: list, completions: list[str], **fields: Any) -> list[float | None]:
+        rows, counts = [], []
+        for prompt, completion in zip(prompts, completions):
+            text = prompt if isinstance(prompt, str) else str(prompt[-1]["content"])
+            steps = [s for s in completion.split(step_separator) if s.strip()]
+            ids, labels = encode_steps(tokenizer, text, steps, None, separator_ids=separator_ids,
+                                       max_seq_len=getattr(tokenizer, "max_seq_len", None))
+            counts.append(sum(1 for t in labels if t != IGNORE_INDEX))
+            if counts[-1]:
+                rows.append({"tokens": ids, "labels": labels})
+        right: list[float] = []  # P(step right) of every scored step, row after row
+        for start in range(0, len(rows), batch_size):
+            logits, _ = token_scores(model, to_device(collate_flat(rows[start:start + batch_size]), device))
+            right += logits.softmax(dim=-1)[:, 1].tolist()
+        out: list[float | None] = []
+        for n in counts:
+            out.append(float(reduce[aggregate](right[:n])) if n else None)
+            right = right[n:]
+        return out
+
+    return _named(reward, "process_reward_model")
 
 
 class RewardSet:

@@ -170,12 +170,29 @@ def make_tiny_teacher(out: Path, *, steps: int = 20, seed: int = 7) -> None:
     shutil.rmtree(out / "teacher")
 
 
+def make_tiny_steps(out: Path, *, num_rows: int = 256, seed: int = 0) -> None:
+    """Step-labelled arithmetic chains (TRL's PRM form, `data/step_labels.py`), half with one
+    corrupted step, for the process-reward-model configs."""
+    from tunewright.data.step_labels import chain_steps
+
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(num_rows):
+        terms = [str(rng.randint(0, 9)) for _ in range(rng.randint(2, 4))]
+        expression = terms[0] + "".join(f" {rng.choice('+-')} {t}" for t in terms[1:])
+        steps, labels = chain_steps(expression, rng, corrupt=i % 2 == 1)
+        rows.append({"prompt": f"{expression} = ?\n", "completions": steps, "labels": labels})
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 ASSETS: dict[str, tuple[Callable[[Path], None], str]] = {
     # name -> (maker writing into a directory, the path inside it that configs use)
     "sft": (make_tiny_sft, "train.jsonl"),
     "llama_teacher": (make_tiny_teacher, ""),
     "pairs": (make_tiny_pairs, "train.jsonl"),
     "kto": (make_tiny_kto, "train.jsonl"),
+    "steps": (make_tiny_steps, "train.jsonl"),
 }
 
 
