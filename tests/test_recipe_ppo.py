@@ -216,6 +216,17 @@ def test_bad_inputs_are_one_line_before_any_weight_loads(tmp_path: Path, capsys,
 
 
 # ---------------------------------------------------------------- FSDP2
+def test_fsdp2_checkpoint_after_a_held_out_rollout(tmp_path: Path) -> None:
+    # One process under FSDP2 (no torchrun): the held-out greedy rollout leaves the root module
+    # gathered; the step checkpoint after it must still hold the shards its optimizers step.
+    history = run_recipe_file(RECIPE, FULL, [f"output_dir={tmp_path}", "distributed=true", "max_steps=1",
+                                             "ppo_epochs=1", "num_minibatches=1", *FAST, "eval_every_n_steps=1",
+                                             "max_eval_batches=1", "save_every_n_steps=1"])
+    assert [r["step"] for r in history] == [1]
+    assert (tmp_path / "checkpoints" / "step_000001").is_dir()
+    assert not torch.distributed.is_initialized()
+
+
 GREEDY = '''"""recipes/ppo.py with greedy rollouts (temperature-1 log-probs): the rows do not depend on how
 the prompts are split over processes, so 2 processes must give one device's steps."""
 import sys
@@ -231,7 +242,8 @@ recipe_main(sys.argv.pop(1))
 
 @pytest.mark.slow
 def test_two_fsdp2_processes_equal_one_device_on_the_same_rollouts(tmp_path: Path, monkeypatch) -> None:
-    common = ["max_steps=2", "ppo_epochs=2", "num_minibatches=2", *FAST[:-2], "max_new_tokens=6"]
+    common = ["max_steps=2", "ppo_epochs=2", "num_minibatches=2", *FAST[:-2], "max_new_tokens=6",
+              "eval_every_n_steps=2", "max_eval_batches=1", "save_every_n_steps=2"]  # a checkpoint after held-out
     sampled = rollout_module.rollout
     monkeypatch.setattr(rollout_module, "rollout", lambda *a, **k: sampled(*a, **{**k, "temperature": 0.0}))
     run_recipe_file(RECIPE, LORA, [f"output_dir={tmp_path / 'one'}", "batch_size=8", *common])

@@ -86,6 +86,14 @@ def _inner(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
 def _grouped(state: TrainState) -> dict[str, tuple[nn.Module, list[torch.optim.Optimizer]]]:
     """Model name -> (model, the optimizers stepping it): DCP keys optimizer state by the
     parameter names of its model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    # A forward without backward (an evaluation, a rollout) leaves the root gathered (it is not
+    # resharded after forward): its parameters are then the gathered tensors, not the shards
+    # the optimizers step and DCP saves. Put every model back to its shards first.
+    for module in (m for model in state.models.values() for m in model.modules()):
+        if isinstance(module, FSDPModule):
+            module.reshard()
     owners = state.optimizer_owners()
     return {name: (model, [opt for o, opt in state.optimizers.items() if owners[o] == name])
             for name, model in state.models.items()}
