@@ -116,8 +116,11 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         # Routing in fp32 as the references do: the top-k choice must not flip under bf16.
         logits = self.router(x).float()
-        probs = torch.softmax(logits, dim=-1) if self.scoring == "softmax" else torch.sigmoid(logits)
-        weights, chosen = probs.topk(self.top_k, dim=-1)  # [T, k]
+        if self.scoring == "softmax":
+            weights, chosen = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)  # [T, k]
+        else:  # chosen by logit: fp32 sigmoids of logits above ~17 are all 1.0, and would tie
+            weights, chosen = logits.topk(self.top_k, dim=-1)
+            weights = torch.sigmoid(weights)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         flat = chosen.reshape(-1)

@@ -410,3 +410,37 @@ def test_left_padded_cached_rows_count_chunks_from_their_first_token(tmp_path):
             want = ours(seq[None])[0]
             assert torch.isfinite(got[row]).all()
             assert (got[row, width - n:] - want).abs().max().item() <= TOLERANCE
+
+
+def test_moe_block_equals_transformers_even_where_sigmoids_saturate():
+    """Our MoE block with Llama 4's options against transformers' Llama4TextMoe, weights copied
+    through the checkpoint layout, on router logits so large that their fp32 sigmoids are all
+    1.0: the expert must still be the one with the largest logit."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    from tunewright.models.llama4 import WEIGHTS
+    from tunewright.models.registry import get_family
+
+    args = get_family("llama4").tiny
+    config = transformers.Llama4TextConfig(**{k: v for k, v in hf_config(args).items() if k != "architectures"})
+    torch.manual_seed(0)
+    theirs = Llama4TextMoe(config)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0.0, 0.5)
+        theirs.router.weight.abs_().mul_(100.0)  # positive logits of hundreds: all sigmoids 1.0 in fp32
+    ours = build_model(args, device="cpu").layers[1].mlp
+    hf_names = {f"model.layers.1.feed_forward.{k}": v for k, v in theirs.state_dict().items()}
+    state = {}
+    for name, tensor in hf_names.items():
+        place = WEIGHTS.place(name)
+        parts = tensor.split([ours.get_parameter(p.removeprefix("layers.1.mlp.")).shape[1] for p in place.ours],
+                             dim=-1) if place.transposed else (tensor,)
+        for our, part in zip(place.ours, parts):
+            state[our.removeprefix("layers.1.mlp.")] = part.transpose(1, 2) if place.transposed else part
+    ours.load_state_dict(state)
+    x = torch.rand(3, 7, args.dim) + 0.1
+    logits = ours.router(x.reshape(-1, args.dim))
+    assert (torch.sigmoid(logits) == 1.0).all() and (logits.argmax(-1) != 0).any()  # ties, unless by logit
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x)[0].view_as(x), rtol=1e-5, atol=1e-5)
