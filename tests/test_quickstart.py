@@ -123,6 +123,12 @@ def test_quickstart_fine_tunes_smollm2_and_improves_it(tmp_path, capsys):
                  "merged/model.safetensors", "merged/tokenizer.json", "metrics.jsonl"):
         assert (tmp_path / "lora" / name).is_file(), name
 
+    # The merged model through lm-eval on the shipped copy of these held-out questions, offline
+    # (tests/test_recipe_eleuther_eval.py; this run's model, rather than a second quickstart).
+    from test_recipe_eleuther_eval import check_quickstart_model
+
+    check_quickstart_model(tmp_path, tuned["accuracy"])
+
     # The same model exported as a Q8_0 GGUF, read back by transformers' GGUF loader, still
     # answers "Paris" and agrees with our model (tests/test_gguf_export.py; no second quickstart).
     from test_gguf_export import check_exported_smollm2

@@ -270,11 +270,19 @@ def test_bad_inputs_are_one_line(tmp_path, override, fragments):
     assert not (tmp_path / "eval").exists()
 
 
-def evaluate_quickstart_model(work_dir: Path) -> dict:
-    """The quickstart's merged model on the shipped reasoning-gym task, as its users run it
-    (called by the slow quickstart test, which has just made the model)."""
+def check_quickstart_model(work_dir: Path, tuned_accuracy: float) -> None:
+    """The quickstart's merged model on the shipped reasoning-gym task, as its users run it, is
+    the model the quickstart's own evaluation scored: the same greedy reply to every held-out
+    question and an exact match within rounding of its accuracy. Called by the slow quickstart
+    test, which has just made the model (tests/test_quickstart.py)."""
     from tunewright.training.entry import run_recipe_file
 
-    return run_recipe_file(REPO / "recipes" / "eleuther_eval.py",
-                           REPO / "configs" / "smollm2" / "135M_eleuther_eval_single_device.yaml",
-                           [f"model.path={work_dir / 'lora' / 'merged'}", f"output_dir={work_dir / 'lm_eval'}"])
+    out = work_dir / "lm_eval"
+    results = run_recipe_file(REPO / "recipes" / "eleuther_eval.py",
+                              REPO / "configs" / "smollm2" / "135M_eleuther_eval_single_device.yaml",
+                              [f"model.path={work_dir / 'lora' / 'merged'}", f"output_dir={out}"])
+    samples = [json.loads(line) for line in (out / "samples_tunewright_rg_arithmetic.jsonl").read_text().splitlines()]
+    replies = [s["filtered_resps"][0].strip() for s in sorted(samples, key=lambda s: s["doc_id"])]
+    evaluated = [json.loads(line) for line in (work_dir / "eval_lora" / "predictions.jsonl").read_text().splitlines()]
+    assert replies == [p["reply"] for p in evaluated]
+    assert abs(results["results"]["tunewright_rg_arithmetic"]["exact_match,none"] - tuned_accuracy) <= 0.03

@@ -116,6 +116,10 @@ class TunewrightLM(TemplateLM):
                          group_fn=lambda req: req[-2] + req[-1][:-1])
         results = []
         for chunk in order.get_batched(n=self.batch_size):
+            for _, _, cont in chunk:
+                if len(cont) > self.max_length:
+                    raise ValueError(f"a continuation of {len(cont)} tokens is longer than max_seq_length "
+                                     f"{self.max_length}; raise max_seq_length")
             # inp drops the last token: position i predicts token i + 1.
             inputs = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in chunk]
             width = max(len(i) for i in inputs)
