@@ -51,6 +51,9 @@ class Config(TrainConfig, LoRAConfig, ParallelConfig):
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False
     dynamic_sampling: bool = False
+    # With dynamic_sampling: up to N rounds of fresh prompts (DAPO's resampling, verl's
+    # max_num_gen_batches) replace the groups whose rewards are all equal; 0: only leave them out.
+    max_resample_rounds: Annotated[int, Range(ge=0)] = 0
     # The training forward computes each group's prompt once, its completions attending to it
     # (the same numbers; P + G*C tokens instead of G*(P + C)); models with sliding windows or
     # chunked attention compute each row whole whatever this says.
@@ -71,8 +74,8 @@ def main(cfg: Config) -> list[dict]:
     from tunewright.training.batching import StepBatches, global_sum, to_device
     from tunewright.training.data_setup import build_data
     from tunewright.training.grpo import (check_grpo_config, completion_logprobs, completion_mask, group_advantages,
-                                          micro_batches, padded, policy_loss, rollout_batch, shared_prompt_batch,
-                                          shares_prompts, zero_variance_groups)
+                                          micro_batches, padded, policy_loss, refill_groups, resample_pool, rollout_batch,
+                                          shared_prompt_batch, shares_prompts, zero_variance_groups)
     from tunewright.training.instantiate import instantiate
     from tunewright.training.lora_setup import add_lora, peft_adapter_ok
     from tunewright.training.optim import build_optimizer, optimizer_step
@@ -98,6 +101,7 @@ def main(cfg: Config) -> list[dict]:
                            max_steps=cfg.max_steps)
         rewards = instantiate(cfg.rewards)
         sampling = SamplingGenerator(cfg.seed + dist.data_rank(), device)  # each data rank its own samples
+        pool = resample_pool(train, cfg.seed + 1) if cfg.dynamic_sampling and cfg.max_resample_rounds else None
 
         # -------------------------------------------------------------- policy and reference
         lora = cfg.lora_rank is not None
@@ -126,24 +130,34 @@ def main(cfg: Config) -> list[dict]:
         optimizer = build_optimizer(cfg.optimizer, model)
         scheduler = instantiate(cfg.lr_scheduler, optimizer=optimizer,
                                 num_training_steps=data.total_steps * updates_per_step)
-        state = TrainState(model=model, optimizer=optimizer, lr_scheduler=scheduler, data=data, sampling=sampling)
+        state = TrainState(model=model, optimizer=optimizer, lr_scheduler=scheduler, data=data, sampling=sampling,
+                           resample_data=pool)
         run.resume(state)
         export = place.adapter_export(model) if write_adapter else None  # into each checkpoint
 
-        # -------------------------------------------------------------- the loop
-        model.train()
-        for step in run.steps(data.total_steps):
-            # ---- rollout: G completions of each prompt by the policy as it is now
-            started = time.perf_counter()
-            prompts = data.next()[0]
+        def draw(source: StepBatches) -> tuple[list, Any, torch.Tensor]:
+            """G completions of each of the next prompts, by the policy as it is now, scored."""
+            prompts = source.next()[0]
             out = rollout(model, [p["prompt_ids"] for p in prompts], num_generations=G,
                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                           top_p=cfg.top_p, stop_ids=tokenizer.stop_ids, generator=sampling.generator,
                           pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
+            return prompts, out, score_rollouts(rewards, prompts, out.completions, tokenizer, num_generations=G)
+
+        # -------------------------------------------------------------- the loop
+        model.train()
+        for step in run.steps(data.total_steps):
+            # ---- rollout and rewards (DAPO: fresh prompts for groups of equal rewards)
+            started = time.perf_counter()
+            prompts, out, per_function = draw(data)
+            resampled = 0
+            if pool is not None:
+                prompts, out, per_function, resampled = refill_groups(
+                    prompts, out, per_function, partial(draw, pool), num_generations=G, total=rewards.total,
+                    max_rounds=cfg.max_resample_rounds)
             rollout_time = time.perf_counter() - started
 
-            # ---- rewards -> advantages, and which tokens count
-            per_function = score_rollouts(rewards, prompts, out.completions, tokenizer, num_generations=G)
+            # ---- advantages, and which tokens count
             reward = rewards.total(per_function)
             advantages = group_advantages(reward, G, scale_rewards=cfg.scale_rewards).to(device)
             zero_std = zero_variance_groups(reward, G).repeat_interleave(G).to(device)  # per row
@@ -203,7 +217,8 @@ def main(cfg: Config) -> list[dict]:
                 num_new = int(lengths.sum())
                 run.log(loss=global_sum(loss_sum) / updates_per_step,
                         **reward_metrics(rewards, per_function, device=device),
-                        frac_reward_zero_std=zero_std.float().mean(), completion_length=lengths.float().mean(),
+                        frac_reward_zero_std=zero_std.float().mean(),
+                        **({"resample_rounds": resampled} if pool is not None else {}), completion_length=lengths.float().mean(),
                         completion_length_max=lengths.max(), truncated=torch.tensor(out.truncated).float().mean(),
                         **metrics.means(("kl", "entropy", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region")),
                         first_ratio_error=first_ratio_error, lr=lr, grad_norm=grad_norm,

@@ -64,8 +64,11 @@ def test_a_prompt_computed_once_per_group_trains_as_each_row_whole(tmp_path: Pat
     assert max(r["first_ratio_error"] for r in shared) < 1e-5
 
 
-def test_kill_and_resume_gives_the_uninterrupted_rewards_and_losses(tmp_path: Path, monkeypatch) -> None:
-    common = ["max_steps=4", "ppo_epochs=1", "num_minibatches=1", *FAST, "save_every_n_steps=2"]
+@pytest.mark.parametrize("extra", [[], ["dynamic_sampling=true", "max_resample_rounds=2"]],
+                         ids=["plain", "dapo_resampling"])
+def test_kill_and_resume_gives_the_uninterrupted_rewards_and_losses(tmp_path: Path, monkeypatch,
+                                                                    extra: list[str]) -> None:
+    common = ["max_steps=4", "ppo_epochs=1", "num_minibatches=1", *FAST, "save_every_n_steps=2", *extra]
     straight = tmp_path / "straight"
     run_recipe_file(RECIPE, TINY, [f"output_dir={straight}", *common])
     resumed = tmp_path / "resumed"
@@ -80,6 +83,9 @@ def test_kill_and_resume_gives_the_uninterrupted_rewards_and_losses(tmp_path: Pa
         for key in ("loss", "reward", "completion_length", "grad_norm"):
             assert got[step][key] == want[step][key], (step, key)
     assert len({want[s]["reward"] for s in want}) > 1  # steps really sampled different things
+    if extra:  # the resampling pool's position is in the checkpoint too
+        assert [got[s]["resample_rounds"] for s in got] == [want[s]["resample_rounds"] for s in want]
+        assert sum(want[s]["resample_rounds"] for s in want) > 0  # it did resample
 
 
 @pytest.mark.slow
@@ -101,6 +107,7 @@ def test_the_tiny_run_learns_its_format_reward(tmp_path: Path) -> None:
     (("column: output", "column: solution"), [], "reward function 'exact_match' raised KeyError: 'solution'"),
     (None, ["dataset.max_prompt_len=16"], "the prompt has"),
     (None, ["num_minibatches=8", "gradient_accumulation_steps=2"], "more than the batch_size (8)"),
+    (None, ["max_resample_rounds=2"], "max_resample_rounds: resampling replaces the groups dynamic_sampling"),
 ])
 def test_bad_inputs_are_one_line(tmp_path: Path, edit: tuple[str, str] | None, overrides: list[str],
                                  message: str) -> None:

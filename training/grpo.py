@@ -39,7 +39,7 @@ recipe's plumbing, `check_grpo_config` and `micro_batches`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +79,56 @@ def zero_variance_groups(rewards: Tensor, num_generations: int) -> Tensor:
     dynamic sampling drops them)."""
     grouped = _groups(rewards, num_generations)
     return (grouped == grouped[:, :1]).all(dim=1)
+
+
+def resample_pool(train: Any, seed: int) -> Any:
+    """The prompts DAPO's resampling draws from: the training prompts again, in an order of
+    their own (another seed), endless (epoch after epoch), resumable as a `TrainState` entry;
+    the run's own step schedule is not touched."""
+    import copy
+
+    from tunewright.training.batching import Batches, StepBatches
+
+    sampler = copy.copy(train.sampler)
+    sampler.seed, sampler.epoch = seed, 0
+    if hasattr(sampler, "index"):
+        sampler.index = 0
+    pool = Batches(train.dataset, sampler, train.batch_size, train.collate)
+    return StepBatches(pool, epochs=1_000_000)
+
+
+def refill_groups(prompts: list, out: Any, scores: Tensor, draw: Callable[[], tuple[list, Any, Tensor]], *,
+                  num_generations: int, total: Callable[[Tensor], Tensor], max_rounds: int) -> tuple[list, Any, Tensor, int]:
+    """DAPO's dynamic sampling with resampling: while some group's G rewards are all equal and
+    rounds remain, `draw()` (prompts, rollouts, [N, K] scores) of fresh prompts, whose groups
+    with varied rewards take the places of equal ones, in order. Groups still equal after
+    `max_rounds` stay (the recipe leaves them out of the step). Under FSDP every process rolls
+    out as long as any one still needs groups (the forwards gather weights together). Returns
+    (prompts, rollouts, scores, rounds drawn)."""
+    g = num_generations
+    rounds = 0
+    while rounds < max_rounds:
+        equal = zero_variance_groups(total(scores), g).tolist()
+        if not _any_rank(any(equal), scores.device):
+            break
+        new_prompts, new_out, new_scores = draw()
+        rounds += 1
+        varied = [j for j, e in enumerate(zero_variance_groups(total(new_scores), g).tolist()) if not e]
+        for i, j in zip((i for i, e in enumerate(equal) if e), varied):
+            rows, new_rows = slice(i * g, (i + 1) * g), slice(j * g, (j + 1) * g)
+            prompts[i] = new_prompts[j]
+            for field in ("prompts", "completions", "logprobs", "truncated"):
+                getattr(out, field)[rows] = getattr(new_out, field)[new_rows]
+            scores[rows] = new_scores[new_rows]
+    return prompts, out, scores, rounds
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    from tunewright.training import distributed as dist
+
+    if not dist.is_distributed():
+        return flag
+    return dist.all_reduce_sum(torch.tensor(1.0 if flag else 0.0, device=device)).item() > 0
 
 
 def completion_mask(lengths: Tensor, truncated: Tensor | None = None, *, mask_truncated: bool = False,
@@ -310,6 +360,9 @@ def padded(values: Tensor, mask: Tensor) -> Tensor:
 def check_grpo_config(cfg: object) -> None:
     """One line for a GRPO config whose step cannot be formed (see recipes/grpo.py)."""
     size, g = cfg.batch_size, cfg.num_generations
+    if getattr(cfg, "max_resample_rounds", 0) and not getattr(cfg, "dynamic_sampling", False):
+        raise ValueError("max_resample_rounds: resampling replaces the groups dynamic_sampling leaves out; "
+                         "set dynamic_sampling: true, or max_resample_rounds: 0")
     if size % g:
         raise ValueError(f"num_generations ({g}) does not divide batch_size ({size}): a step samples "
                          f"batch_size / num_generations prompts, num_generations completions each; "
