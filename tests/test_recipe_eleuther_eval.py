@@ -270,6 +270,15 @@ def test_bad_inputs_are_one_line(tmp_path, override, fragments):
     assert not (tmp_path / "eval").exists()
 
 
+def test_without_lm_eval_installed_it_says_how_to_get_it(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails as if absent
+    result = run_tune(["run", "eleuther_eval", "--config", "llama/tiny_eleuther_eval",
+                       f"output_dir={tmp_path / 'eval'}"], cwd=tmp_path)
+    assert_one_error_line(result, ["pip install 'tunewright[eval]'"])
+
+
 def check_quickstart_model(work_dir: Path, tuned_accuracy: float) -> None:
     """The quickstart's merged model on the shipped reasoning-gym task, as its users run it, is
     the model the quickstart's own evaluation scored: the same greedy reply to every held-out
