@@ -81,6 +81,8 @@ def main(cfg: Config) -> dict[str, Any]:
     seed_everything(cfg.seed)
     device = setup_device(cfg.device, cfg.num_threads)
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out}: exists and is not a directory")
     shipped = Path(tunewright.configs.__file__).parent / "eval_tasks"
     tasks, task_manager = resolve_tasks(cfg.tasks, [shipped, *map(Path, cfg.include_path)])
 
