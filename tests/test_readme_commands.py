@@ -183,6 +183,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "tune convert-gguf model.Q4_1.gguf --output-dir ./model": convert_shipped_gguf,
     MERGE: with_lora_run(check=lambda cwd, r: (cwd / "merged" / "config.json").is_file() or pytest.fail()),
     "tune chat ./merged --prompt 'What is the capital of France?'": with_lora_run(MERGE),
+    "tune export-gguf ./merged --out-type q8_0":
+        with_lora_run(MERGE, check=lambda cwd, r: (cwd / "merged-q8_0.gguf").is_file() or pytest.fail()),
     "tune run generate --config llama/tiny_generate temperature=0.7": short_run(),
     "tune run generate --config llama/tiny_generate 'prompt=Reverse the letters: abc'": short_run(),
     # README: preference optimisation
