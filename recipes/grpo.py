@@ -74,7 +74,7 @@ def main(cfg: Config) -> list[dict]:
     from tunewright.training.batching import StepBatches, global_sum, to_device
     from tunewright.training.data_setup import build_data
     from tunewright.training.grpo import (check_grpo_config, completion_logprobs, completion_mask, group_advantages,
-                                          micro_batches, padded, policy_loss, refill_groups, resample_pool, rollout_batch,
+                                          micro_batches, padded, policy_loss, refill_groups, resample_pool, rollout_batch, rollout_metrics,
                                           shared_prompt_batch, shares_prompts, zero_variance_groups)
     from tunewright.training.instantiate import instantiate
     from tunewright.training.lora_setup import add_lora, peft_adapter_ok
@@ -217,9 +217,8 @@ def main(cfg: Config) -> list[dict]:
                 num_new = int(lengths.sum())
                 run.log(loss=global_sum(loss_sum) / updates_per_step,
                         **reward_metrics(rewards, per_function, device=device),
-                        frac_reward_zero_std=zero_std.float().mean(),
-                        **({"resample_rounds": resampled} if pool is not None else {}), completion_length=lengths.float().mean(),
-                        completion_length_max=lengths.max(), truncated=torch.tensor(out.truncated).float().mean(),
+                        **rollout_metrics(zero_variance_groups(reward, G), lengths, torch.tensor(out.truncated)),
+                        **({"resample_rounds": resampled} if pool is not None else {}),
                         **metrics.means(("kl", "entropy", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region")),
                         first_ratio_error=first_ratio_error, lr=lr, grad_norm=grad_norm,
                         rollout_time=rollout_time, train_time=train_time,

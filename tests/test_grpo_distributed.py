@@ -82,3 +82,61 @@ def test_recipe_runs_under_fsdp2(tmp_path: Path) -> None:
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["first_ratio_error"] < 1e-5 for r in steps)
+
+
+FIXED = '''"""The GRPO recipe with rollouts fixed by the prompt (the same rows on one device and on
+2 processes, whatever each rank's sampling stream): `rollout` replaced before the recipe runs."""
+import sys
+
+import torch
+
+from tunewright.training import rollout as R
+from tunewright.training.entry import run_recipe_file
+from tunewright.training.grpo import completion_logprobs, rollout_batch
+
+
+def fixed_rollout(model, prompts, *, num_generations, temperature=1.0, vocab_size=None, **_):
+    rows = [list(p) for p in prompts for _ in range(num_generations)]
+    completions = [[(sum(p) * 7 + 13 * j + 5 * k) % (vocab_size or 64) + 1 for k in range(1 + j % 3)]
+                   for i, p in enumerate(rows) for j in [i % num_generations]]
+    with torch.no_grad():
+        logp = completion_logprobs(model, rollout_batch(rows, completions), temperature=temperature)[0]
+    return R.Rollouts(prompts=rows, completions=completions, logprobs=list(logp.split([len(c) for c in completions])),
+                      truncated=[False] * len(rows))
+
+
+R.rollout = fixed_rollout
+recipe, config, *overrides = sys.argv[1:]
+run_recipe_file(recipe, config, overrides)
+'''
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_equals_one_device_for_fixed_rollouts(tmp_path: Path) -> None:
+    """Each rank scores and trains its own groups; the step's normalisers (dapo: tokens of all
+    ranks) and FSDP's gradient reduction make the update the one device's over all groups. One
+    minibatch per pass: minibatches of several ranks' rows are other row sets than one device's."""
+    (tmp_path / "fixed.py").write_text(FIXED)
+    args = [str(REPO / "recipes" / "grpo.py"), str(REPO / "configs" / "llama" / "tiny_grpo.yaml"), "max_steps=3",
+            "progress_bar=false", "num_generations=4", "max_new_tokens=6", "eval_every_n_steps=null",
+            "save_every_n_steps=null", "save_final_model=false", "ppo_epochs=2", "num_minibatches=1", "loss_type=dapo",
+            "beta=0.1", "num_threads=1"]
+    one = subprocess.run([sys.executable, "fixed.py", *args, f"output_dir={tmp_path / 'one'}", "batch_size=8"],
+                         cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun("fixed.py", *args, f"output_dir={tmp_path / 'two'}", "batch_size=4", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def steps(out: Path) -> list[dict]:
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+    a, b = steps(tmp_path / "one"), steps(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert x["reward"] == pytest.approx(y["reward"], abs=1e-9), x["step"]  # the same groups were scored
+        for key in ("frac_reward_zero_std", "completion_length", "completion_length_max", "truncated"):
+            assert x[key] == pytest.approx(y[key], abs=1e-9), (x["step"], key)  # all ranks' rows counted
+        for key in ("loss", "grad_norm", "kl"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    assert any(abs(x["loss"]) > 1e-6 for x in a) and a[-1]["kl"] > 0  # the updates did something

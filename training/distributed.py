@@ -67,6 +67,14 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Maximum over the data-parallel group."""
+    if is_distributed():
+        check_collective_device(x)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=_DATA_PARALLEL_GROUP)
+    return x
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

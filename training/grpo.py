@@ -131,6 +131,20 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return dist.all_reduce_sum(torch.tensor(1.0 if flag else 0.0, device=device)).item() > 0
 
 
+def rollout_metrics(zero_std_groups: Tensor, lengths: Tensor, truncated: Tensor) -> dict[str, Tensor]:
+    """The step's rollout figures over every data-parallel rank (each rank has its own groups):
+    `frac_reward_zero_std`, `completion_length` (mean, max) and the `truncated` fraction."""
+    from tunewright.training.distributed import all_reduce_max, all_reduce_sum
+
+    device = lengths.device
+    sums = all_reduce_sum(torch.stack([zero_std_groups.double().sum(), torch.tensor(float(zero_std_groups.numel())),
+                                       lengths.double().sum(), truncated.double().sum(),
+                                       torch.tensor(float(lengths.numel()))]).to(device))
+    longest = all_reduce_max(lengths.max().to(device).clone())
+    return {"frac_reward_zero_std": sums[0] / sums[1].clamp(min=1), "completion_length": sums[2] / sums[4],
+            "completion_length_max": longest, "truncated": sums[3] / sums[4]}
+
+
 def completion_mask(lengths: Tensor, truncated: Tensor | None = None, *, mask_truncated: bool = False,
                     width: int | None = None) -> Tensor:
     """[N, T] float mask of the completion tokens of rows of `lengths`; with `mask_truncated`
