@@ -69,9 +69,8 @@ def main(cfg: Config) -> list[dict]:
 
     import torch
 
-    from tunewright.modules.peft.apply import adapters_disabled
     from tunewright.training import distributed as dist
-    from tunewright.training.batching import StepBatches, global_sum, to_device
+    from tunewright.training.batching import StepBatches, global_sum
     from tunewright.training.data_setup import build_data
     from tunewright.training.grpo import (check_grpo_config, completion_logprobs, completion_mask, group_advantages,
                                           micro_batches, padded, policy_loss, refill_groups, resample_pool, rollout_batch, rollout_metrics,
@@ -80,6 +79,7 @@ def main(cfg: Config) -> list[dict]:
     from tunewright.training.lora_setup import add_lora, peft_adapter_ok
     from tunewright.training.optim import build_optimizer, optimizer_step
     from tunewright.training.placement import Placement
+    from tunewright.training.ppo_models import ratio_error, reference_logprobs, rollout_batches
     from tunewright.training.preference import MetricSums
     from tunewright.training.rewards import evaluate_rewards, reward_metrics, score_rollouts
     from tunewright.training.rollout import SamplingGenerator, rollout
@@ -110,20 +110,9 @@ def main(cfg: Config) -> list[dict]:
         write_adapter = lora and peft_adapter_ok(model, cfg)
         make_batch = shared_prompt_batch if cfg.share_prompt_forward and shares_prompts(model) else rollout_batch
         logp_options = dict(chunk_size=cfg.loss_chunk_size, temperature=cfg.temperature)
-        reference = None
+        reference = None  # with LoRA: the policy with its adapters disabled
         if cfg.beta and not lora:
             reference = place.load_model(cfg.model).requires_grad_(False).eval()
-
-        @torch.no_grad()
-        def reference_logps(batch: dict) -> torch.Tensor:
-            if reference is not None:
-                return completion_logprobs(reference, batch, **logp_options)[0]
-            was_training = model.training
-            model.eval()
-            with adapters_disabled(model):
-                logps = completion_logprobs(model, batch, **logp_options)[0]
-            model.train(was_training)
-            return logps
 
         # -------------------------------------------------------------- optimizer, schedule, state
         updates_per_step = cfg.ppo_epochs * cfg.num_minibatches
@@ -172,13 +161,13 @@ def main(cfg: Config) -> list[dict]:
             old_logps = padded(torch.cat(out.logprobs), tokens_at)  # what the rows were sampled with
             pieces = micro_batches(len(out), num_minibatches=cfg.num_minibatches,
                                    accumulation=cfg.gradient_accumulation_steps)
-            batches = {(s.start, s.stop): to_device(make_batch(out.prompts[s], out.completions[s]), device)
-                       for minibatch in pieces for s in minibatch}
+            batches = rollout_batches(out, pieces, device, make_batch=make_batch)
             ref_logps = None
             if cfg.beta:
                 ref_logps = torch.zeros_like(old_logps)
                 for s in (s for minibatch in pieces for s in minibatch):
-                    ref_logps[s] = padded(reference_logps(batches[(s.start, s.stop)]), tokens_at[s])
+                    ref_logps[s] = padded(reference_logprobs(model, reference, batches[(s.start, s.stop)],
+                                                             **logp_options), tokens_at[s])
 
             # ---- ppo_epochs passes of clipped updates over minibatches
             started = time.perf_counter()
@@ -202,7 +191,7 @@ def main(cfg: Config) -> list[dict]:
                         loss.backward()
                         if epoch == 0 and minibatch is pieces[0]:
                             # Before any update the ratio is 1: rollout and training compute alike.
-                            error = ((logps - old_logps[s]).exp() - 1).abs()[tokens_at[s].bool()].max()
+                            error = ratio_error(logps, old_logps[s], tokens_at[s])
                             first_ratio_error = error if first_ratio_error is None else \
                                 torch.maximum(first_ratio_error, error)
                         update_loss += loss.detach()

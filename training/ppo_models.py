@@ -98,13 +98,16 @@ def check_ppo_config(cfg: Any) -> None:
         check_same_vocabulary(cfg.model, cfg.ref_model, key="ref_model", student="policy", why=_SAME_TOKENIZER)
 
 
-def rollout_batches(out: Any, pieces: list[list[slice]], device: torch.device) -> dict[tuple[int, int], dict]:
-    """Each micro-batch slice of a rollout's rows (`grpo.micro_batches`) as a padding-free
-    batch of prompt + completion whose targets are the completion tokens, on `device`, keyed
-    by (start, stop)."""
+def rollout_batches(out: Any, pieces: list[list[slice]], device: torch.device, *,
+                    make_batch: Any = None) -> dict[tuple[int, int], dict]:
+    """Each micro-batch slice of a rollout's rows (`grpo.micro_batches`) as a batch of prompt +
+    completion whose targets are the completion tokens (`make_batch`: `grpo.rollout_batch`,
+    padding-free, by default; GRPO's `shared_prompt_batch` computes a group's prompt once), on
+    `device`, keyed by (start, stop)."""
     from tunewright.training.grpo import rollout_batch
 
-    return {(s.start, s.stop): to_device(rollout_batch(out.prompts[s], out.completions[s]), device)
+    make_batch = make_batch or rollout_batch
+    return {(s.start, s.stop): to_device(make_batch(out.prompts[s], out.completions[s]), device)
             for minibatch in pieces for s in minibatch}
 
 
