@@ -195,6 +195,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "tune run --nproc_per_node 2 dpo --config llama/tiny_dpo_full": two_processes,
     # README: reward models
     "tune run reward_model --config llama/tiny_reward_lora": short_run(),
+    "tune run process_reward_model --config llama/tiny_prm_full": short_run(),
     "tune run grpo --config llama/tiny_grpo": short_run(),
     "tune run grpo --config llama/tiny_grpo loss_type=grpo importance_sampling_level=sequence beta=0.04": short_run(),
     "tune run ppo --config llama/tiny_ppo_lora": short_run(),
