@@ -6,6 +6,8 @@ passes its own `build` that swaps a part (a norm, an attention option, an MoE bl
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -89,3 +91,9 @@ class Family:
     # `model_type`s (among model_types) of multimodal checkpoints whose text model is ours: the
     # rest is skipped on load, so saving from one writes the text-only `hf_config`, not its config.
     multimodal_types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Each call gets its own nested dicts: a caller that edits the config (transformers'
+        # PretrainedConfig fills in rope_scaling in place) must not change a size row's.
+        written = self.hf_config
+        self.hf_config = lambda args: copy.deepcopy(written(args))
