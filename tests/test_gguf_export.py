@@ -43,7 +43,7 @@ ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen
 LOADABLE = {
     "llama": dict(intermediate_dim=80),  # ffn_down rows of 80: Q8_0 falls back to F16 there
     "mistral": dict(sliding_window=None),  # no window in llama.cpp's llama arch
-    "qwen2": dict(sliding_window=None, layer_types=None, tie_embeddings=False),
+    "qwen2": dict(sliding_window=None, layer_types=None),
     "qwen3": dict(head_dim=128),  # no head_dim read: Qwen3Config's 128
     "qwen3_moe": dict(dense_layers=(), expert_dim=768),  # no moe_intermediate_size read: 768
     "phi3": dict(rotary_dim=None, sliding_window=None, rope_scaling=None),  # none of them read
@@ -291,34 +291,6 @@ def test_cli(tmp_path, dirs, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and "'q4_k' is not one we write" in err
 
 
-# -- the real SmolLM2 after the quickstart (called by test_quickstart's slow run) ------------------
-
-PARIS_TEXT = ("The Eiffel Tower was built for the 1889 World's Fair in Paris. It is 330 metres tall and "
-              "was the tallest man-made structure in the world until 1930. Millions of people visit it "
-              "every year, and it has become a symbol of France.")
-
-
-def check_exported_smollm2(merged: Path, work: Path) -> None:
-    """The quickstart's fine-tuned SmolLM2 as a Q8_0 GGUF, read by transformers' GGUF loader
-    (weights, tokenizer and chat template from the file alone): its greedy answer still names
-    Paris, and its next-token choices agree with our model's on >= 99% of a text."""
-    out = export_gguf(merged, "q8_0", work / "smollm2-q8_0.gguf")
-    tok = transformers.AutoTokenizer.from_pretrained(work, gguf_file=out.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(work, gguf_file=out.name).eval()
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    assert prompt["input_ids"][0].tolist() == load_tokenizer(merged).tokenize_messages(
-        messages, add_generation_prompt=True)[0]
-    with torch.no_grad():
-        answer = model.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1]:]
-    assert "Paris" in tok.decode(answer), tok.decode(answer)
-    ours = load_pretrained(merged, dtype="fp32").eval()
-    ids = torch.tensor([load_tokenizer(merged).encode(PARIS_TEXT)])
-    with torch.no_grad():
-        agree = (model(ids).logits.argmax(-1) == ours(ids).argmax(-1)).float().mean().item()
-    assert agree >= 0.99, agree
-
-
 def test_sentencepiece_tokenizer(tmp_path):
     """A SentencePiece tokenizer.model (Mistral v0.1's) as llama.cpp's `llama` vocabulary: pieces,
     scores and types as sentencepiece reports them, and transformers' GGUF tokenizer, built from
@@ -342,3 +314,38 @@ def test_sentencepiece_tokenizer(tmp_path):
     ours = load_tokenizer(model_dir)
     for text in ["Hello world", "The capital of France is Paris.", "héllo — ünïcode ✓ 12345"]:
         assert hf.encode(text) == ours.encode(text, add_bos=True), text
+
+
+# -- the real SmolLM2 after the quickstart (called by test_quickstart's slow run) ------------------
+
+PARIS_TEXT = ("The Eiffel Tower was built for the 1889 World's Fair in Paris. It is 330 metres tall and "
+              "was the tallest man-made structure in the world until 1930. Millions of people visit it "
+              "every year, and it has become a symbol of France.")
+
+
+def check_exported_smollm2(merged: Path, work: Path) -> None:
+    """The quickstart's fine-tuned SmolLM2 (in `work`) as a Q8_0 GGUF, read by transformers'
+    GGUF loader (weights, tokenizer and chat template from the file alone): its greedy answer
+    still names Paris; its logits are our model's on Q8_0-rounded weights; its next tokens agree
+    with our unrounded model's on >= 99% of the quickstart's held-out rows (measured 99.6%; on
+    plain prose 97.2-97.5%, where this 135M model's choices are closer calls)."""
+    out = export_gguf(merged, "q8_0", work / "smollm2-q8_0.gguf")
+    tok = transformers.AutoTokenizer.from_pretrained(work, gguf_file=out.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(work, gguf_file=out.name).eval()
+    ours_tok = load_tokenizer(merged)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert prompt["input_ids"][0].tolist() == ours_tok.tokenize_messages(messages, add_generation_prompt=True)[0]
+    with torch.no_grad():
+        answer = model.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    assert "Paris" in tok.decode(answer), tok.decode(answer)
+
+    ours = load_pretrained(merged, dtype="fp32").eval()
+    rows = [json.loads(line) for line in (work / "data" / "eval.jsonl").read_text().splitlines()[:8]]
+    held_out = torch.tensor([sum((ours_tok.tokenize_messages(r["messages"])[0] for r in rows), [])])
+    text = torch.tensor([ours_tok.encode(PARIS_TEXT)])
+    with torch.no_grad():
+        agree = (model(held_out).logits.argmax(-1) == ours(held_out).argmax(-1)).float().mean().item()
+        got, want = model(text).logits, q8_0_rounded(ours)(text)
+    assert agree >= 0.99, agree
+    assert (got - want).abs().max().item() <= 1e-4  # measured 0.0
