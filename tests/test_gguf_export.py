@@ -230,7 +230,7 @@ def test_recipe_option_exports_the_final_model(tmp_path, dirs):
 
     def cfg(model_dir: Path) -> SimpleNamespace:
         return SimpleNamespace(export_gguf="q8_0", model={"path": str(model_dir)}, lora_rank=None,
-                               save_final_model=None)
+                               save_final_model=None, quantization=None)
 
     run = SimpleNamespace(output_dir=tmp_path / "run")
     shutil.copytree(dirs["llama"], run.output_dir / "final")

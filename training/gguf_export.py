@@ -3,8 +3,8 @@
 Checked when the run starts (the output type, and whether llama.cpp can represent the model,
 from its config.json), so a model that cannot be exported fails before training, not after.
 At the end the GGUF is made from the Hugging Face directory the run wrote (`final/`, or
-`merged/` with LoRA, which the option writes even when `save_final_model` is unset), next to
-it: `<run>/merged-q8_0.gguf`. Kept out of the recipe's config imports: nothing heavy at the top.
+`merged/` with LoRA, which the option writes even when `save_final_model` is unset; with QAT,
+`dequantized/`, the weights it deploys), next to it: `<run>/merged-q8_0.gguf`. Kept out of the recipe's config imports: nothing heavy at the top.
 """
 
 from __future__ import annotations
@@ -28,14 +28,17 @@ def gguf_export_step(cfg: Any) -> Callable[[Any, Any, Any], Path | None]:
     except ValueError as e:
         raise ValueError(f"export_gguf: {e}") from None
     lora = getattr(cfg, "lora_rank", None) is not None
-    saved = cfg.save_final_model if cfg.save_final_model is not None else not lora  # by save_results
+    qat = getattr(cfg, "quantization", None) is not None  # the model QAT deploys: dequantized/
+    # Whether the run has written the directory (save_results' rule); decided from the config
+    # alone, so every process agrees on whether to join one more gather.
+    saved = qat or (cfg.save_final_model if cfg.save_final_model is not None else not lora)
 
     def export(place: Any, model: Any, run: Any) -> Path | None:
         from tunewright.models.gguf_export import export_gguf
         from tunewright.training import distributed as dist
 
-        directory = run.output_dir / ("merged" if lora else "final")
-        if not (saved and (directory / "config.json").is_file()):  # LoRA without save_final_model, QAT
+        directory = run.output_dir / ("dequantized" if qat else "merged" if lora else "final")
+        if not saved:  # e.g. LoRA without save_final_model
             directory = place.save_model(model, directory, merge=lora)
         if directory is None or not dist.is_main():
             return None
