@@ -12,6 +12,7 @@ are reshaped to what it can express (noted per family in `LOADABLE`).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -167,6 +168,33 @@ def test_our_importer_gives_back_the_model(tmp_path, dirs, out_type):
     messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     assert theirs.tokenize_messages(messages) == ours.tokenize_messages(messages)
 
+
+
+def test_llama3_rope_scaling_round_trips_through_rope_freqs(tmp_path):
+    """Llama-3.1 rope scaling goes as llama.cpp's `rope_freqs` tensor; our importer recovers the
+    HF dict from it (checking the tensor against Meta's formula) and the model computes the same."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    source = tiny_dir(tmp_path, "llama", rope_base=500000.0, rope_scaling=scaling, max_seq_len=131072)
+    back = gguf_to_hf(export_gguf(source, "f32", tmp_path / "m.gguf"), tmp_path / "back")
+    assert json.loads((back / "config.json").read_text())["rope_scaling"] == scaling
+    tokens = torch.randint(0, 288, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(back)(tokens), load_pretrained(source)(tokens))
+
+
+def test_phi3_longrope_partial_rotary_and_window(tmp_path):
+    """The tiny Phi-3 row's LongRoPE, partial rotary and window, as llama.cpp's Phi3MiniModel
+    writes them: factor tensors, rope.dimension_count, the original context and attn_factor."""
+    args = get_family("phi3").tiny
+    g = read_gguf(export_gguf(tiny_dir(tmp_path, "phi3"), "f16", tmp_path / "m.gguf"))
+    m, s = g.metadata, args.rope_scaling
+    assert (m["phi3.rope.dimension_count"], m["phi3.attention.sliding_window"]) == (24, 48)
+    assert (m["phi3.context_length"], m["phi3.rope.scaling.original_context_length"]) == (512, 32)
+    assert m["phi3.rope.scaling.attn_factor"] == pytest.approx(math.sqrt(1 + math.log(512 / 32) / math.log(32)))
+    assert np.array_equal(g.tensor("rope_factors_long.weight"), np.float32(s["long_factor"]))
+    assert np.array_equal(g.tensor("rope_factors_short.weight"), np.float32(s["short_factor"]))
+    assert g.tensors["rope_factors_long.weight"].type_name == "F32"
 
 # -- transformers' GGUF loader runs the export like our model --------------------------------------
 
