@@ -130,6 +130,11 @@ def plot_empty_dir(tmp: Path) -> list[str]:
     return ["plot", str(tmp / "run"), "-o", str(tmp / "loss.png")]
 
 
+def export_gguf(family: str, out_type: str) -> Callable[[Path], list[str]]:
+    """`tune export-gguf` of a tiny `family` model into tmp/m.gguf."""
+    return lambda tmp: ["export-gguf", str(tiny_asset(family)), "--out-type", out_type, "--output", str(tmp / "m.gguf")]
+
+
 # Fragments: `{tmp}` is the case's directory.
 CASES = [
     # -------------------------------------------------------------- outputs a user names
@@ -210,6 +215,14 @@ CASES = [
          absent=["out/final"], subprocess=True),
     # -------------------------------------------------------------- tune plot
     Case("plot_of_a_directory_without_metrics", plot_empty_dir, ["run has no metrics.jsonl"], absent=["loss.png"]),
+    # -------------------------------------------------------------- tune export-gguf, sft's export_gguf
+    Case("export_gguf_out_type_we_cannot_write", export_gguf("llama", "q4_k"),
+         ["GGUF output type 'q4_k' is not one we write", "f32, f16, bf16, q8_0"], absent=["m.gguf"]),
+    Case("export_gguf_model_llama_cpp_cannot_represent", export_gguf("qwen3_moe", "f16"),
+         ["qwen3_moe model has dense MLP blocks [0]", "'qwen3moe' cannot represent it"], absent=["m.gguf"]),
+    Case("sft_export_gguf_of_a_model_llama_cpp_cannot_represent",
+         lambda tmp: fresh(f"model.path={tiny_asset('qwen3_moe')}", "export_gguf=q8_0")(tmp),
+         ["export_gguf: ", "dense MLP blocks [0]"], absent=["out"]),
 ]
 
 
