@@ -51,8 +51,10 @@ print("RESULT " + json.dumps({"startup_mb": start, "peak_mb": max(r["peak_rss_mb
 
 def smollm2_dir() -> Path:
     """A random SmolLM2-135M-shaped model in Hugging Face format with the tiny tokenizer."""
-    if (SMOL_DIR / "config.json").is_file():
+    if (SMOL_DIR / "model.safetensors").is_file() and "49152" in (SMOL_DIR / "config.json").read_text():
         return SMOL_DIR
+    import shutil
+
     from tunewright.models import find_size, save_pretrained
     from tunewright.models.builder import init_weights
     from tunewright.models.pretrained import build_model
@@ -61,7 +63,9 @@ def smollm2_dir() -> Path:
     _, args = find_size("smollm2_135m")
     model = build_model(args, device="cpu")
     init_weights(model, seed=0)
-    save_pretrained(model, SMOL_DIR, source_dir=tiny_asset("llama"), dtype="fp32")
+    save_pretrained(model, SMOL_DIR, dtype="fp32", overwrite=True)  # config.json from the shape
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_asset("llama") / name, SMOL_DIR / name)
     return SMOL_DIR
 
 

@@ -211,6 +211,10 @@ def estimate(cfg: Any, *, world_size: int = 1, device_type: str = "cpu", size: s
             host, saved = saved - max(acts.per_layer, default=0), max(acts.per_layer, default=0)
             note += "; offloaded to host memory"
         est.terms.append(Term("activations", saved, note, host_bytes=host))
+        # While a block's backward runs, the gradients of what it saved exist beside the rest
+        # (measured on the CPU: +1 block per micro-batch row on the tiny Llama, BENCHMARKS.md).
+        est.terms.append(Term("backward buffers", max(acts.per_layer, default=0),
+                              "gradients of one block's saved tensors during its backward"))
         # An adapted head is not a plain linear map: its chunks are recomputed, no fp32 head gradient.
         est.terms.append(Term("logits / loss chunks", loss_bytes(args, tokens=tokens, chunk_size=cfg.loss_chunk_size,
                                                                   dtype=compute, head_trains=not lora),
