@@ -181,7 +181,8 @@ def _stack(loads: list[Callable[[], np.ndarray]]) -> Callable[[], np.ndarray]:
     return lambda: np.stack([load() for load in loads])
 
 
-def _transform(load: Callable[[], np.ndarray], gguf_name: str, arch: GGUFArch, a: ModelArgs) -> Callable[[], np.ndarray]:
+def _transform(load: Callable[[], np.ndarray], gguf_name: str, arch: GGUFArch,
+               a: ModelArgs) -> Callable[[], np.ndarray]:
     n_head = {"attn_q": a.num_heads, "attn_k": a.num_kv_heads}.get(gguf_name) if arch.permute_qk else None
     shift = arch.norm_shift if gguf_name.endswith("norm") else 0.0
     if n_head is None and not shift:

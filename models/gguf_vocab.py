@@ -74,7 +74,8 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
     json_file, model_file = model_dir / "tokenizer.json", model_dir / "tokenizer.model"
     data = _read_json(json_file)
     bpe = data.get("model") or {}
-    if bpe.get("type") == "BPE" and not bpe.get("byte_fallback") and "ByteLevel" in json.dumps(data.get("pre_tokenizer")):
+    byte_level = "ByteLevel" in json.dumps(data.get("pre_tokenizer"))
+    if bpe.get("type") == "BPE" and not bpe.get("byte_fallback") and byte_level:
         vocab = _bpe_vocab(data, json_file)
         added = {t["id"]: t for t in data.get("added_tokens") or []}
     elif model_file.is_file():

@@ -4,7 +4,8 @@ Checked when the run starts (the output type, and whether llama.cpp can represen
 from its config.json), so a model that cannot be exported fails before training, not after.
 At the end the GGUF is made from the Hugging Face directory the run wrote (`final/`, or
 `merged/` with LoRA, which the option writes even when `save_final_model` is unset; with QAT,
-`dequantized/`, the weights it deploys), next to it: `<run>/merged-q8_0.gguf`. Kept out of the recipe's config imports: nothing heavy at the top.
+`dequantized/`, the weights it deploys), next to it: `<run>/merged-q8_0.gguf`. Nothing heavy is
+imported at the top: the recipe's `Config` imports this module.
 """
 
 from __future__ import annotations
