@@ -2,12 +2,15 @@
 (`training/quantize.py prepare_qat`), interleaved in one process, on the same batches.
 
     .venv/bin/python bench/qat_speed.py [--tokens 512 2048] [--repeats 5] [--scheme int8_dynamic_act_int4_weight]
+                                        [--dtype fp32|bf16] [--torchao]
 
 The model has SmolLM2-135M's shape (random weights, fp32, from the registry's size table), the
 loss is the recipes' (`causal_lm_loss`) on one row of `--tokens` tokens. Fake quantization
 rounds every weight at every step (a cost that grows with the parameters) and, for the dynamic
 scheme, every linear layer's input, per token, forward and backward (a cost that grows with the
 tokens). Reports the median seconds per step of each and the slowdown, for each token count.
+`--torchao` also times the same prepared model with torchao's own fake quantizers (what
+training/fake_quant.py replaces) in the same interleaved rounds: the before and after.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def smollm2_135m() -> torch.nn.Module:
+def smollm2_135m(dtype: torch.dtype) -> torch.nn.Module:
     from tunewright.models import find_size
     from tunewright.models.builder import init_weights
     from tunewright.models.pretrained import build_model
@@ -32,6 +35,18 @@ def smollm2_135m() -> torch.nn.Module:
     _, args = find_size("smollm2_135m")
     model = build_model(args, device="cpu")
     init_weights(model, seed=0)
+    return model.to(dtype)
+
+
+def with_torchao_quantizers(model: torch.nn.Module) -> torch.nn.Module:
+    """The prepared model computing with torchao's quantizers instead of training/fake_quant.py's."""
+    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
+
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        for name in ("activation_fake_quantizer", "weight_fake_quantizer"):
+            if getattr(module, name, None) is not None:
+                setattr(module, name, FakeQuantizerBase.from_config(getattr(module, name).config))
     return model
 
 
@@ -53,27 +68,36 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scheme", default="int8_dynamic_act_int4_weight")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--torchao", action="store_true", help="also time torchao's own fake quantizers")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    plain = smollm2_135m()
+    plain = smollm2_135m({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     qat = copy.deepcopy(plain)
     prepare_qat(qat, {"scheme": args.scheme, "group_size": 32})
+    models = {"plain": plain, "qat": qat}
+    if args.torchao:
+        models["qat_torchao"] = with_torchao_quantizers(qat)
     results = []
     for num_tokens in args.tokens:
         tokens = torch.randint(0, plain.args.vocab_size, (1, num_tokens))
         batch = {"tokens": tokens, "labels": tokens.roll(-1, 1)}  # one row, no padding
-        times: dict[str, list[float]] = {"plain": [], "qat": []}
+        times: dict[str, list[float]] = {name: [] for name in models}
         for i in range(args.repeats + 1):  # the first round warms up
-            for name, model in (("plain", plain), ("qat", qat)) if i % 2 else (("qat", qat), ("plain", plain)):
+            order = list(models.items())
+            for name, model in order[i % len(order):] + order[:i % len(order)]:  # each goes first in turn
                 t = step_seconds(model, batch)
                 if i:
                     times[name].append(t)
-        p, q = statistics.median(times["plain"]), statistics.median(times["qat"])
-        results.append({"tokens": num_tokens, "plain_s": round(p, 3), "qat_s": round(q, 3),
-                        "slowdown": round(q / p - 1, 3)})
+        median = {name: statistics.median(ts) for name, ts in times.items()}
+        row = {"tokens": num_tokens, **{f"{name}_s": round(t, 3) for name, t in median.items()}}
+        for name in models:
+            if name != "plain":
+                row[f"{name}_slowdown"] = round(median[name] / median["plain"] - 1, 3)
+        results.append(row)
         print(json.dumps(results[-1]), flush=True)
-    print(json.dumps({"model": "SmolLM2-135M shape (random, fp32)", "scheme": args.scheme,
+    print(json.dumps({"model": f"SmolLM2-135M shape (random, {args.dtype})", "scheme": args.scheme,
                       "threads": args.threads, "repeats": args.repeats, "results": results}, indent=2))
 
 

@@ -165,6 +165,7 @@ def prepare_qat(model: nn.Module, node: dict[str, Any] | Quantization) -> Quanti
     from torchao.quantization.qat import QATConfig
 
     from tunewright.modules.peft.apply import lora_modules
+    from tunewright.training.fake_quant import use_fused_fake_quantizers
 
     q = Quantization.from_node(node)
     check_model(model, q, adapters=True)
@@ -177,6 +178,7 @@ def prepare_qat(model: nn.Module, node: dict[str, Any] | Quantization) -> Quanti
     for name, p in model.named_parameters():
         if name in frozen:
             p.requires_grad_(False)
+    use_fused_fake_quantizers(model)  # torchao's numbers in fewer passes (training/fake_quant.py)
     for _, layer in lora_modules(model):
         _fake_quantize_merged(layer, q)
     return q
@@ -186,11 +188,12 @@ def _fake_quantize_merged(layer: nn.Module, q: Quantization) -> None:
     """A LoRA layer computing with its merged weight, fake-quantized (module docstring). The
     quantizers hold no tensors, so the state dict (checkpoints, adapters) does not change."""
     from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
-    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
+
+    from tunewright.training.fake_quant import fused_fake_quantizer
 
     act_config, weight_config = _infer_fake_quantize_configs(base_config(q))
-    layer.activation_fake_quantizer = FakeQuantizerBase.from_config(act_config) if act_config else None
-    layer.weight_fake_quantizer = FakeQuantizerBase.from_config(weight_config)
+    layer.activation_fake_quantizer = fused_fake_quantizer(act_config) if act_config else None
+    layer.weight_fake_quantizer = fused_fake_quantizer(weight_config)
     layer.forward = functools.partial(_merged_fake_quantized_forward, layer, layer.forward)
 
 
