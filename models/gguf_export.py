@@ -68,8 +68,12 @@ def export_gguf(model_dir: str | Path, out_type: str = "f16", output: str | Path
 def check_exportable(model_dir: str | Path, out_type: str) -> tuple[Any, ModelArgs, GGUFArch]:
     """(family, args, llama.cpp architecture) of the model in `model_dir` from its config.json
     alone (no weight is read), or the one-line reason it cannot be exported as `out_type`."""
+    from importlib.util import find_spec
+
     from tunewright.models.registry import model_args
 
+    if find_spec("gguf") is None:
+        raise ValueError("GGUF export needs the gguf package: pip install 'tunewright[gguf]'")
     if out_type not in OUT_TYPES:
         raise ValueError(f"GGUF output type '{out_type}' is not one we write (use one of {', '.join(OUT_TYPES)})")
     try:
