@@ -30,8 +30,10 @@ another vocabulary is refused before anything loads. Full or LoRA student (`lora
 device or FSDP2 (the teacher sharded like the student; on a sampled step every process samples
 its own rows, and the rollout keeps the processes' decode steps in step). torchtune's names
 `knowledge_distillation_single_device` and `knowledge_distillation_distributed` run this file.
-Not done: a teacher's top-k logits cached to disk for later epochs (the teacher runs at every
-step).
+With `teacher_top_k: K` the teacher's top-K log-probabilities at each target token are cached
+on disk (`teacher_cache_dir`, default <output_dir>/teacher_cache) as epoch 1 computes them, and
+later epochs read them instead of running the teacher (`training/teacher_cache.py`: the
+divergence over the K ids plus one outcome for the rest; on-policy steps still run it).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class Config(TrainConfig, LoRAConfig, ParallelConfig):
     kd_ratio: Annotated[float, Range(ge=0, le=1)] = 0.5  # the divergence's weight on the dataset's replies
     lmbda: Annotated[float, Range(ge=0, le=1)] = 0.0  # fraction of steps on replies the student samples
     max_new_tokens: PositiveInt = 128  # the longest sampled reply
+    teacher_top_k: PositiveInt | None = None  # cache the teacher's top-k per target for later epochs; null: no cache
+    teacher_cache_dir: str | None = None  # null: <output_dir>/teacher_cache
 
 
 def main(cfg: Config) -> list[dict]:
@@ -81,6 +85,7 @@ def main(cfg: Config) -> list[dict]:
     from tunewright.training.run import Run
     from tunewright.training.setup import seed_everything
     from tunewright.training.state import TrainState
+    from tunewright.training.teacher_cache import open_teacher_cache
 
     # ------------------------------------------------------------------ set-up
     seed_everything(cfg.seed)
@@ -92,6 +97,7 @@ def main(cfg: Config) -> list[dict]:
         # vocabulary against the student's (both before any weight loads)
         tokenizer, train, val = build_data(cfg)
         check_same_vocabulary(cfg.model, cfg.teacher_model)
+        cache, train = open_teacher_cache(cfg, train, run.output_dir)  # batches then carry example ids
         data = StepBatches.from_config(train, cfg)  # the micro-batches of each step, epoch by epoch
         choice = SamplingGenerator(cfg.seed)  # which steps sample: the same draws on every rank
         sampling = SamplingGenerator(cfg.seed + dist.rank(), device)  # the samples: each rank its own
@@ -131,7 +137,8 @@ def main(cfg: Config) -> list[dict]:
             num_targets = target_count(micro_batches, device=device)  # this step's, on every rank
             sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, ce, kd over the step
             for batch in micro_batches:
-                out = loss_fn(to_device(batch, device), kd_ratio=kd_ratio)  # each term summed over the targets
+                teacher_input = cache.teacher_options(batch, device) if cache else {}  # cached top-k, or a recorder
+                out = loss_fn(to_device(batch, device), kd_ratio=kd_ratio, **teacher_input)  # summed over targets
                 (out.loss / num_targets).backward()
                 sums += torch.stack([out.loss.detach(), out.ce, out.kd]).double()
                 del out  # its spent graph, alive into the next forward, raises peak memory
@@ -151,7 +158,11 @@ def main(cfg: Config) -> list[dict]:
             if val is not None and run.due(cfg.eval_every_n_steps, final=True):  # on the dataset's replies
                 run.log(**evaluate_distillation(model, val, loss_fn, device=device, max_batches=cfg.max_eval_batches))
             if run.due(cfg.save_every_n_steps):
+                if cache:  # the rows of the steps the checkpoint holds: a resumed run reads them
+                    cache.flush()
                 run.save(state, export=export)
+        if cache:
+            cache.flush()
 
         # -------------------------------------------------------------- export
         place.save_results(model, run, cfg, write_adapter=write_adapter)  # adapter/, final/ or merged/

@@ -266,7 +266,8 @@ DEFAULTS = {
     # (GKD's on-policy fraction); generalized JSD's beta 0.5 as TRL's GKDConfig.
     "knowledge_distillation": {**RUN_DEFAULTS, "teacher_dtype": None, "kd_loss": "forward_kl", "beta": 0.5,
                                "temperature": 1.0, "kd_ratio": 0.5, "lmbda": 0.0, "max_new_tokens": 128,
-                               "lora_rank": None, "batch_size": 2},
+                               "teacher_top_k": None, "teacher_cache_dir": None, "lora_rank": None,
+                               "batch_size": 2},
     # TRL 1.16's GRPOConfig defaults, but max_new_tokens (TRL's max_completion_length: 512)
     "grpo": {**RUN_DEFAULTS, "num_generations": 8, "max_new_tokens": 256, "temperature": 1.0, "top_k": None,
              "top_p": None, "ppo_epochs": 1, "num_minibatches": 1, "loss_type": "dapo",

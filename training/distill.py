@@ -46,6 +46,13 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, ki
         raise ValueError(f"temperature must be > 0, got {temperature}")
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return log_prob_divergence(log_s, log_t, kind=kind, beta=beta)
+
+
+def log_prob_divergence(log_s: torch.Tensor, log_t: torch.Tensor, *, kind: Kind = "forward_kl",
+                        beta: float = 0.5) -> torch.Tensor:
+    """Per-row divergence [n] between two distributions given as log-probabilities [n, m] (the
+    whole vocabulary, or the teacher's cached top-k plus the rest: `training/teacher_cache.py`)."""
     if kind == "forward_kl":
         return _kl(log_t, log_s)
     if kind == "reverse_kl":
@@ -65,33 +72,42 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, ki
     raise ValueError(f"kd_loss must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
-def _chunk(student_head: Callable[[torch.Tensor], torch.Tensor], hs: torch.Tensor, teacher_logits: torch.Tensor,
+def _chunk(student_head: Callable[[torch.Tensor], torch.Tensor], hs: torch.Tensor, teacher_logits: Any,
            kind: Kind, beta: float, temperature: float) -> torch.Tensor:
+    if not isinstance(teacher_logits, torch.Tensor):  # the teacher's cached top-k (`teacher_cache.TopK`)
+        return teacher_logits.divergence(student_head(hs), kind=kind, beta=beta, temperature=temperature).sum()
     return divergence(student_head(hs), teacher_logits, kind=kind, beta=beta, temperature=temperature).sum()
 
 
 def chunked_divergence(
     student_hidden: torch.Tensor,
     student_head: Callable[[torch.Tensor], torch.Tensor],
-    teacher_hidden: torch.Tensor,
-    teacher_head: Callable[[torch.Tensor], torch.Tensor],
+    teacher_hidden: Any,
+    teacher_head: Callable[[torch.Tensor], torch.Tensor] | None,
     *,
     kind: Kind = "forward_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    on_teacher_logits: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Sum over positions of `divergence` for hidden states [n, dim] of the target positions.
     Per chunk the teacher's logits are made without gradient and the student's under
-    activation checkpointing (recomputed in backward), so at most one chunk of each exists."""
-    if student_hidden.shape[0] != teacher_hidden.shape[0]:
+    activation checkpointing (recomputed in backward), so at most one chunk of each exists.
+    `teacher_hidden` may instead be the teacher's cached top-k of those positions (a
+    `teacher_cache.TopK`, `teacher_head` None); `on_teacher_logits` sees each chunk's logits."""
+    if student_hidden.shape[0] != len(teacher_hidden):
         raise ValueError(f"student and teacher see different token counts ({student_hidden.shape[0]} vs "
-                         f"{teacher_hidden.shape[0]}): they must read the same tokens")
+                         f"{len(teacher_hidden)}): they must read the same tokens")
     total = student_hidden.new_zeros((), dtype=torch.float32) + student_hidden.sum() * 0.0
     for start in range(0, student_hidden.shape[0], chunk_size):
         hs = student_hidden[start:start + chunk_size]
         with torch.no_grad():
-            teacher_logits = teacher_head(teacher_hidden[start:start + chunk_size])
+            teacher_logits = teacher_hidden[start:start + chunk_size]
+            if teacher_head is not None:
+                teacher_logits = teacher_head(teacher_logits)
+                if on_teacher_logits is not None:
+                    on_teacher_logits(teacher_logits)
         if torch.is_grad_enabled() and hs.requires_grad:
             total = total + checkpoint(_chunk, student_head, hs, teacher_logits, kind, beta, temperature,
                                        use_reentrant=False)
@@ -128,11 +144,15 @@ def distillation_loss(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     padding_free: bool = True,
+    teacher_top_k: Any = None,
+    on_teacher_logits: Callable[[torch.Tensor], None] | None = None,
 ) -> DistillSums:
     """Sums over the batch's target tokens (labels != -100) of the student's cross-entropy and
     of `divergence(student, teacher)` at each target position, from one forward of each model;
     the caller divides by the step's targets, as the SFT recipe does. A term weighted 0 (kd_ratio
-    0 or 1) is computed without gradient, for the log only."""
+    0 or 1) is computed without gradient, for the log only. With `teacher_top_k` (the teacher's
+    cached top-k at the batch's targets, `training/teacher_cache.py`) the teacher does not run;
+    otherwise `on_teacher_logits` sees its logits at the targets, chunk by chunk, in order."""
     from tunewright.data.tokenizer.base import IGNORE_INDEX
     from tunewright.modules.loss import chunked_cross_entropy
     from tunewright.training.objectives import hidden_states
@@ -140,8 +160,9 @@ def distillation_loss(
     if not 0.0 <= kd_ratio <= 1.0:
         raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
     device = batch["tokens"].device
-    with torch.no_grad(), _own_precision(teacher, device):
-        teacher_hidden, _, _ = hidden_states(teacher, batch, padding_free=padding_free)
+    if teacher_top_k is None:
+        with torch.no_grad(), _own_precision(teacher, device):
+            teacher_hidden, _, _ = hidden_states(teacher, batch, padding_free=padding_free)
 
     def teacher_head(h: torch.Tensor) -> torch.Tensor:
         with _own_precision(teacher, device):
@@ -155,8 +176,9 @@ def distillation_loss(
                                           head_weight=student.head_weight())
         keep = labels != IGNORE_INDEX
         with torch.set_grad_enabled(grad and kd_ratio > 0):
-            kd = chunked_divergence(hidden[keep], student.head, teacher_hidden[keep], teacher_head, kind=kind,
-                                    beta=beta, temperature=temperature, chunk_size=chunk_size)
+            teacher_side = (teacher_hidden[keep], teacher_head) if teacher_top_k is None else (teacher_top_k, None)
+            kd = chunked_divergence(hidden[keep], student.head, *teacher_side, kind=kind, beta=beta,
+                                    temperature=temperature, chunk_size=chunk_size, on_teacher_logits=on_teacher_logits)
     # Only the weighted terms: kd_ratio 0 is the SFT loss bit for bit.
     loss = (1.0 - kd_ratio) * ce if kd_ratio < 1 else kd_ratio * kd
     if 0 < kd_ratio < 1:
