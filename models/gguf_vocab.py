@@ -38,6 +38,7 @@ class Vocab:
     special: dict[str, int]  # bos / eos / pad / unk -> id
     add_bos: bool
     chat_template: str | None
+    space_prefix: bool | None = None  # SentencePiece: whether it prepends "▁" (Gemma's does not)
 
 
 def _signature(pre: dict[str, Any] | None, normalizer: dict[str, Any] | None = None) -> str:
@@ -99,6 +100,9 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
     for i in range(len(vocab.tokens), vocab_size):  # embedding rows no token uses
         vocab.tokens.append(f"[PAD{i}]")
         vocab.types.append(UNUSED)
+    for i, token in enumerate(vocab.tokens):  # ids the vocabulary skips
+        if token == "":
+            vocab.tokens[i], vocab.types[i] = f"[PAD{i}]", UNUSED
     unk = config.get("unk_token")
     unk = unk.get("content") if isinstance(unk, dict) else unk
     if unk in vocab.tokens:
@@ -108,7 +112,8 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
     if add_bos is None:  # SentencePiece tokenizers add it by default; BPE ones when their template does
         add_bos = vocab.model == "llama" or _post_processor_adds(data, tok.bos_id)
     return Vocab(vocab.model, vocab.pre, vocab.tokens, vocab.types, scores, vocab.merges,
-                 {k: v for k, v in special.items() if v is not None}, bool(add_bos), template)
+                 {k: v for k, v in special.items() if v is not None}, bool(add_bos), template,
+                 vocab.space_prefix)
 
 
 @dataclass
@@ -119,6 +124,7 @@ class _Base:
     types: list[int]
     scores: list[float] | None
     merges: list[str] | None
+    space_prefix: bool | None = None
 
 
 def _bpe_vocab(data: dict[str, Any], path: Path) -> _Base:
@@ -147,7 +153,9 @@ def _sentencepiece_vocab(path: Path) -> _Base:
         scores.append(sp.get_score(i))
         types.append(UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else
                      UNUSED if sp.is_unused(i) else BYTE if sp.is_byte(i) else NORMAL)
-    return _Base("llama", "default", tokens, types, scores, None)
+    # As SentencePieceTokenizer tells: does encoding "a" give "▁a"?
+    space_prefix = sp.id_to_piece(sp.encode("a")[0]).startswith("\u2581")
+    return _Base("llama", "default", tokens, types, scores, None, space_prefix)
 
 
 def _post_processor_adds(data: dict[str, Any], bos_id: int | None) -> bool:
@@ -179,5 +187,7 @@ def write_vocab(w: Any, v: Vocab) -> None:
         adders[role](id_)
     w.add_add_bos_token(v.add_bos)
     w.add_add_eos_token(False)
+    if v.space_prefix is not None:
+        w.add_add_space_prefix(v.space_prefix)
     if v.chat_template is not None:
         w.add_chat_template(v.chat_template)

@@ -334,6 +334,7 @@ def test_sentencepiece_tokenizer(tmp_path):
     m = read_gguf(out).metadata
     sp = sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
     assert m["tokenizer.ggml.model"] == "llama" and m["tokenizer.ggml.add_bos_token"] is True
+    assert m["tokenizer.ggml.add_space_prefix"] is True  # "a" -> "▁a", as llama.cpp assumes by default
     assert m["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(32000)]
     assert np.allclose(m["tokenizer.ggml.scores"], [sp.get_score(i) for i in range(32000)])
     assert m["tokenizer.ggml.token_type"][:4] == [2, 3, 3, 6]  # <unk>, <s>, </s>, <0x00>
