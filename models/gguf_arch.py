@@ -37,9 +37,9 @@ class GGUFArch:
 
 
 def context_length(arch: GGUFArch, a: ModelArgs) -> int:
-    """The context the file declares. Where llama.cpp has no sliding window (Mistral v0.1,
-    Qwen2 with `use_sliding_window`), capping it at the window keeps every position within
-    it, so llama.cpp and the model attend to the same keys inside the declared context."""
+    """The context the file declares. Where llama.cpp runs no sliding window (Mistral v0.1,
+    Qwen2 with `use_sliding_window`, Phi-3-mini-4k), capping it at the window keeps every
+    position within it, so llama.cpp and the model attend to the same keys inside it."""
     if arch.sliding_window or a.sliding_window is None:
         return a.max_seq_len
     if all(a.layer_type(i) == FULL for i in range(a.num_layers)):
@@ -182,6 +182,6 @@ ARCHS: dict[str, GGUFArch] = {  # our family -> llama.cpp's architecture
                        problem=_gemma2_problem, metadata=_gemma2_meta),
     "gemma3": GGUFArch("gemma3", {**_GEMMA_ATTN_MLP, **SANDWICH_NAMES, **QK_NORM_NAMES}, norm_shift=1.0,
                        sliding_window=True, problem=_gemma3_problem, metadata=_gemma3_meta),
-    "phi3": GGUFArch("phi3", PHI3_NAMES, sliding_window=True,
-                     problem=lambda a: _rope_problem(a, ("longrope",)), metadata=_phi3_meta),
+    # llama.cpp reads Phi-3's window key but runs without it (its PR 13676): the context is capped.
+    "phi3": GGUFArch("phi3", PHI3_NAMES, problem=lambda a: _rope_problem(a, ("longrope",)), metadata=_phi3_meta),
 }
