@@ -70,6 +70,7 @@ def _dense_problem(a: ModelArgs) -> str | None:
 
 
 def _llama_meta(w: Writer, a: ModelArgs) -> None:
+    _head_meta(w, a)  # else llama.cpp takes dim / heads, wrong where head_dim is set apart
     w.add_rope_dimension_count(a.rotary_dim or a.resolved_head_dim)
     _write_rope_scaling(w, a)
 
