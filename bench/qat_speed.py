@@ -84,11 +84,12 @@ def main() -> None:
         tokens = torch.randint(0, plain.args.vocab_size, (1, num_tokens))
         batch = {"tokens": tokens, "labels": tokens.roll(-1, 1)}  # one row, no padding
         times: dict[str, list[float]] = {name: [] for name in models}
-        for i in range(args.repeats + 1):  # the first round warms up
+        warmup = 0 if results else 1  # a first round warms up; later token counts find the models warm
+        for i in range(args.repeats + warmup):
             order = list(models.items())
             for name, model in order[i % len(order):] + order[:i % len(order)]:  # each goes first in turn
                 t = step_seconds(model, batch)
-                if i:
+                if i >= warmup:
                     times[name].append(t)
         median = {name: statistics.median(ts) for name, ts in times.items()}
         row = {"tokens": num_tokens, **{f"{name}_s": round(t, 3) for name, t in median.items()}}

@@ -29,16 +29,15 @@ import torch
 from torch import nn
 
 
-def weight_qparams(w: torch.Tensor, group_size: int, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_scale(w: torch.Tensor, group_size: int, qmin: int, qmax: int) -> torch.Tensor:
     """torchao's `get_group_qparams_symmetric`: per group of `group_size` along the rows,
-    s = max(|min|, |max|, 0) / ((qmax - qmin) / 2) floored at the dtype's smallest normal, zp = 0.
-    Shapes [rows, groups, 1] (a view of the weight's groups broadcasts against them)."""
+    s = max(|min|, |max|, 0) / ((qmax - qmin) / 2) floored at the dtype's smallest normal (its
+    zero point is 0). Shape [rows, groups, 1] (a view of the weight's groups broadcasts)."""
     grouped = w.detach().view(w.shape[0], -1, group_size)
     lo, hi = torch.amin(grouped, dim=-1, keepdim=True), torch.amax(grouped, dim=-1, keepdim=True)
     lo_neg, hi_pos = torch.min(lo, torch.zeros_like(lo)), torch.max(hi, torch.zeros_like(hi))
     scale = torch.max(-lo_neg, hi_pos) / (float(qmax - qmin) / 2)
-    scale = torch.clamp(scale, min=torch.finfo(w.dtype).smallest_normal)
-    return scale, torch.zeros_like(scale, dtype=torch.int32)
+    return torch.clamp(scale, min=torch.finfo(w.dtype).smallest_normal)
 
 
 def token_qparams(x: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,18 +54,22 @@ def token_qparams(x: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, 
 
 class _FakeQuantize(torch.autograd.Function):
     """x (grouped so that `scale`, `zero_point` broadcast) -> its fake-quantized values; the
-    clamp's mask is saved instead of the pre-clamp tensor."""
+    clamp's mask is saved instead of the pre-clamp tensor. `zero_point` None: 0 (symmetric),
+    whose `+ 0` still turns round's -0.0 into 0.0 as torchao's does, and whose `- 0` changes
+    no bit and is skipped."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,  # type: ignore[override]
                 qmin: int, qmax: int) -> torch.Tensor:
         inv_scale = 1.0 / scale
         q = x * inv_scale
-        q.round_().add_(zero_point)
+        q.round_().add_(0 if zero_point is None else zero_point)
         out = q.clamp(qmin, qmax)
         clamped = out.ne(q)  # not clamp's backward mask qmin <= q <= qmax (True for NaN, as there)
         del q
-        out.sub_(zero_point).mul_(scale)
+        if zero_point is not None:
+            out.sub_(zero_point)
+        out.mul_(scale)
         ctx.save_for_backward(clamped, scale, inv_scale)
         return out
 
@@ -78,9 +81,8 @@ class _FakeQuantize(torch.autograd.Function):
 
 def fake_quantize_weight(w: torch.Tensor, group_size: int, qmin: int, qmax: int) -> torch.Tensor:
     """torchao's IntxFakeQuantizer(PerGroup, symmetric) on a [out, in] weight."""
-    scale, zero_point = weight_qparams(w, group_size, qmin, qmax)
     grouped = w.view(w.shape[0], -1, group_size)
-    return _FakeQuantize.apply(grouped, scale, zero_point, qmin, qmax).view(w.shape)
+    return _FakeQuantize.apply(grouped, weight_scale(w, group_size, qmin, qmax), None, qmin, qmax).view(w.shape)
 
 
 def fake_quantize_tokens(x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
