@@ -38,18 +38,6 @@ def smollm2_135m(dtype: torch.dtype) -> torch.nn.Module:
     return model.to(dtype)
 
 
-def with_torchao_quantizers(model: torch.nn.Module) -> torch.nn.Module:
-    """The prepared model computing with torchao's quantizers instead of training/fake_quant.py's."""
-    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
-
-    model = copy.deepcopy(model)
-    for module in model.modules():
-        for name in ("activation_fake_quantizer", "weight_fake_quantizer"):
-            if getattr(module, name, None) is not None:
-                setattr(module, name, FakeQuantizerBase.from_config(getattr(module, name).config))
-    return model
-
-
 def step_seconds(model: torch.nn.Module, batch: dict) -> float:
     from tunewright.training.objectives import causal_lm_loss
 
@@ -61,6 +49,7 @@ def step_seconds(model: torch.nn.Module, batch: dict) -> float:
 
 
 def main() -> None:
+    from tunewright.training.fake_quant import use_torchao_fake_quantizers
     from tunewright.training.quantize import prepare_qat
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -78,7 +67,8 @@ def main() -> None:
     prepare_qat(qat, {"scheme": args.scheme, "group_size": 32})
     models = {"plain": plain, "qat": qat}
     if args.torchao:
-        models["qat_torchao"] = with_torchao_quantizers(qat)
+        models["qat_torchao"] = copy.deepcopy(qat)
+        use_torchao_fake_quantizers(models["qat_torchao"])
     results = []
     for num_tokens in args.tokens:
         tokens = torch.randint(0, plain.args.vocab_size, (1, num_tokens))

@@ -19,7 +19,7 @@ pytest.importorskip("torchao")
 from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs  # noqa: E402
 from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase, IntxFakeQuantizer  # noqa: E402
 
-from tunewright.training.fake_quant import fused_fake_quantizer  # noqa: E402
+from tunewright.training.fake_quant import fused_fake_quantizer, use_torchao_fake_quantizers  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 ACT, WEIGHT = _infer_fake_quantize_configs(Q.base_config(Q.Quantization("int8_dynamic_act_int4_weight")))
@@ -93,15 +93,6 @@ def test_configs_it_does_not_compute_stay_torchao() -> None:
         assert type(fused_fake_quantizer(config)) is type(FakeQuantizerBase.from_config(config))
 
 
-def _with_torchao_quantizers(model: nn.Module) -> nn.Module:
-    model = copy.deepcopy(model)
-    for module in model.modules():
-        for name in ("activation_fake_quantizer", "weight_fake_quantizer"):
-            if getattr(module, name, None) is not None:
-                setattr(module, name, FakeQuantizerBase.from_config(getattr(module, name).config))
-    return model
-
-
 @pytest.mark.parametrize("scheme,dtype,lora", [(s, d, (i + j) % 2 == 1) for i, s in enumerate(Q.CPU_SCHEMES)
                                                for j, d in enumerate(DTYPES)])  # each with and without LoRA
 def test_prepared_model_trains_as_with_torchao_quantizers(scheme: str, dtype: torch.dtype, lora: bool) -> None:
@@ -117,7 +108,9 @@ def test_prepared_model_trains_as_with_torchao_quantizers(scheme: str, dtype: to
     Q.prepare_qat(model, {"scheme": scheme, "group_size": 32, "embeddings": not lora})
     quantizers = [m for m in model.modules() if isinstance(m, IntxFakeQuantizer)]
     assert quantizers and all(type(m) is not IntxFakeQuantizer for m in quantizers)  # ours everywhere
-    reference = _with_torchao_quantizers(model)
+    reference = copy.deepcopy(model)
+    use_torchao_fake_quantizers(reference)
+    assert not any(type(m) is not IntxFakeQuantizer for m in reference.modules() if isinstance(m, IntxFakeQuantizer))
     tokens = torch.randint(0, 288, (2, 19), generator=torch.Generator().manual_seed(0))
     for m in (model, reference):
         m(tokens).float().pow(2).mean().backward()

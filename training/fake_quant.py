@@ -149,3 +149,17 @@ def use_fused_fake_quantizers(model: nn.Module) -> None:
                 new = fused_fake_quantizer(old.config)
                 new.enabled = old.enabled
                 setattr(module, name, new)
+
+
+def use_torchao_fake_quantizers(model: nn.Module) -> None:
+    """The reverse: torchao's own quantizers back in place of ours (the reference that
+    tests/test_fake_quant.py and `bench/qat_speed.py --torchao` compare against)."""
+    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
+
+    for module in model.modules():
+        for name in ("activation_fake_quantizer", "weight_fake_quantizer"):
+            old = getattr(module, name, None)
+            if isinstance(old, _fused_class()):
+                new = FakeQuantizerBase.from_config(old.config)
+                new.enabled = old.enabled
+                setattr(module, name, new)
