@@ -67,7 +67,7 @@ def announce(cfg: Any) -> None:
                               capacity=props.total_memory)
         else:
             _, lines = fit_report(cfg, device="cpu", world_size=dist.world_size())
-    except (ValueError, OSError, RuntimeError, NotImplementedError, KeyError, AttributeError) as e:
+    except (ValueError, OSError, RuntimeError, NotImplementedError, KeyError, AttributeError, TypeError) as e:
         # An estimate is advice: a shape it cannot work out is said, and the run goes on.
         print(f"memory estimate: not available ({str(e).splitlines()[0] if str(e) else type(e).__name__})", flush=True)
         return
