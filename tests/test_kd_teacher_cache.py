@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.faults import crash_at_step
+from tests.test_recipe_kd import _models_and_batch, metrics
 from tunewright.training.distill import KINDS, distillation_loss
 from tunewright.training.entry import run_recipe_file
 
@@ -26,11 +27,6 @@ KD = REPO / "configs" / "llama" / "tiny_kd.yaml"
 FAST = ["eval_every_n_steps=null", "progress_bar=false", "num_threads=1", "save_every_n_steps=null",
         "save_final_model=false", "batch_size=4", "dataset.split=train[:8]", "~val_dataset", "max_steps=null",
         "epochs=2", "~lr_scheduler"]
-
-
-def metrics(out: Path, key: str = "loss") -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def _vocab_size() -> int:
@@ -61,34 +57,32 @@ def _reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, k:
     return value.sum()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_cached_divergence_is_the_top_k_plus_rest_formula(tmp_path: Path, kind: str) -> None:
-    from tests.test_recipe_kd import _models_and_batch
+def test_cached_divergence_is_the_top_k_plus_rest_formula(tmp_path: Path) -> None:
     from tunewright.training.teacher_cache import TeacherCache
 
     student, teacher, flat, padded = _models_and_batch()
-    options = dict(kind=kind, beta=0.3, temperature=0.7)
     k, identity = 5, {"teacher": "t"}
     flat = {**flat, "example_ids": [3, 0, 2, 1],
             "example_targets": (padded["labels"] != -100).sum(1).tolist()}
     writer = TeacherCache(tmp_path, identity=identity, top_k=k, temperature=0.7)
     live = writer.teacher_options(flat, "cpu")
     assert "on_teacher_logits" in live  # nothing cached yet: the teacher runs and its rows are kept
-    distillation_loss(student, teacher, flat, kd_ratio=1.0, chunk_size=7, **live, **options)
+    distillation_loss(student, teacher, flat, kd_ratio=1.0, chunk_size=7, temperature=0.7, **live)
     writer.flush()
 
     reader = TeacherCache(tmp_path, identity=identity, top_k=k, temperature=0.7)  # from disk alone
     shuffled = {"example_ids": [1, 2, 0, 3], "example_targets": flat["example_targets"][::-1]}
     assert reader.teacher_options({**padded, **shuffled}, "cpu")["teacher_top_k"].ids.shape[1] == k
     cached = reader.teacher_options(flat, "cpu")
-    got = distillation_loss(student, teacher, flat, kd_ratio=1.0, chunk_size=7, **cached, **options)
-
     keep = padded["labels"] != -100
-    want = _reference(student(padded["tokens"])[keep], teacher(padded["tokens"])[keep].detach(), k=k, **options)
-    assert got.kd.item() == pytest.approx(want.item(), rel=1e-5)
-    for a, b in zip(torch.autograd.grad(got.loss, list(student.parameters())),
-                    torch.autograd.grad(want.float(), list(student.parameters()))):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for kind in KINDS:
+        options = dict(kind=kind, beta=0.3, temperature=0.7)
+        got = distillation_loss(student, teacher, flat, kd_ratio=1.0, chunk_size=7, **cached, **options)
+        want = _reference(student(padded["tokens"])[keep], teacher(padded["tokens"])[keep].detach(), k=k, **options)
+        assert got.kd.item() == pytest.approx(want.item(), rel=1e-5), kind
+        for a, b in zip(torch.autograd.grad(got.loss, list(student.parameters())),
+                        torch.autograd.grad(want, list(student.parameters()))):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- the recipe
@@ -155,3 +149,36 @@ def test_a_cache_of_another_temperature_is_one_line(tmp_path: Path) -> None:
     assert f"teacher_cache_dir: {cache / 'manifest.json'} was written with temperature 1.0, this run has 2.0" \
         in lines[0]
     assert " parameters" not in done.stdout  # before any model was built
+
+
+def test_fsdp2_in_one_process_with_the_cache_equals_one_device(tmp_path: Path) -> None:
+    common = [*FAST, "teacher_top_k=8"]
+    one = run_recipe_file(RECIPE, KD, [f"output_dir={tmp_path / 'one'}", *common])
+    fsdp = run_recipe_file(RECIPE, KD, [f"output_dir={tmp_path / 'fsdp'}", "distributed=true", *common])
+    for key in ("loss", "kd_loss", "grad_norm"):
+        assert [r[key] for r in fsdp] == pytest.approx([r[key] for r in one], rel=1e-5), key
+    assert (tmp_path / "fsdp" / "teacher_cache" / "rank0-000000.safetensors").is_file()
+
+
+@pytest.mark.parametrize("change", ["teacher", "top_k"])
+def test_a_cache_of_another_teacher_or_top_k_is_one_line(tmp_path: Path, change: str) -> None:
+    import shutil
+
+    from tunewright.training.teacher_cache import TeacherCache, model_identity
+    from tunewright.training.tiny_assets import tiny_asset
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_asset("llama_teacher"), teacher)
+    node = {"_component_": "tunewright.models.load_pretrained", "path": str(teacher)}
+    TeacherCache(tmp_path / "cache", identity={"teacher": model_identity(node)}, top_k=8, temperature=1.0)
+    top_k = 8
+    if change == "teacher":  # the same path, retrained: another config.json
+        config = json.loads((teacher / "config.json").read_text())
+        (teacher / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
+    else:
+        top_k = 16
+    with pytest.raises(ValueError) as error:
+        TeacherCache(tmp_path / "cache", identity={"teacher": model_identity(node)}, top_k=top_k, temperature=1.0)
+    message = str(error.value)
+    assert "\n" not in message and f"teacher_cache_dir: {tmp_path / 'cache' / 'manifest.json'} was written with " \
+        f"{change} " in message and "delete" in message

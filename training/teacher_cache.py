@@ -247,16 +247,18 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "absent"
 
 
-def model_identity(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    """What a model node loads: the node, and for a directory the digests of its config.json and
-    tokenizer.json and its weight files' names and sizes (not their digest: hashing a teacher's weights would take as
-    long as a pass over them)."""
-    identity: dict[str, Any] = {"node": json.loads(json.dumps(model_cfg, sort_keys=True, default=str))}
-    path = model_cfg.get("path")
+def model_identity(node: dict[str, Any], *, files: tuple[str, ...] = ("config.json", "tokenizer.json"),
+                   weights: bool = True) -> dict[str, Any]:
+    """What a model (or tokenizer) node loads: the node, and for a directory the digests of its
+    `files` and its weight files' names and sizes (not their digest: hashing a teacher's weights
+    would take as long as a pass over them)."""
+    identity: dict[str, Any] = {"node": json.loads(json.dumps(node, sort_keys=True, default=str))}
+    path = node.get("path")
     if path is not None and Path(path).is_dir():
-        for name in ("config.json", "tokenizer.json"):
+        for name in files:
             identity[name] = _file_digest(Path(path) / name)
-        identity["weights"] = {p.name: p.stat().st_size for p in sorted(Path(path).glob("*.safetensors"))}
+        if weights:
+            identity["weights"] = {p.name: p.stat().st_size for p in sorted(Path(path).glob("*.safetensors"))}
     return identity
 
 
@@ -266,7 +268,9 @@ def open_teacher_cache(cfg: Any, train: Any, output_dir: Path) -> tuple[TeacherC
     if cfg.teacher_top_k is None:
         return None, train
     identity = {"teacher": model_identity(cfg.teacher_model), "teacher_dtype": cfg.teacher_dtype or cfg.dtype,
-                "tokenizer": model_identity(cfg.tokenizer), "dataset": model_identity(cfg.dataset)["node"],
+                "tokenizer": model_identity(cfg.tokenizer, files=("tokenizer.json", "tokenizer_config.json"),
+                                            weights=False),
+                "dataset": model_identity(cfg.dataset)["node"],
                 "num_examples": len(train.dataset)}
     directory = Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else output_dir / "teacher_cache"
     cache = TeacherCache(directory, identity=identity, top_k=cfg.teacher_top_k, temperature=cfg.temperature)
