@@ -200,9 +200,11 @@ class TeacherCache:
                                device=device)
             return bool(dist.all_reduce_max(gap))
 
-        if missing():
+        gap = missing()
+        if gap:
             self._refresh()  # rows another process or an earlier run wrote since
-        if not missing():
+            gap = missing()
+        if not gap:
             rows = [self._row(e, n) for e, n in zip(examples, batch["example_targets"])]
             return {"teacher_top_k": cat(rows).to(device)}
         return {"on_teacher_logits": self._recorder(examples, batch["example_targets"])}
