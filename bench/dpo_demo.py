@@ -4,12 +4,16 @@
 
 1. model: SmolLM2-135M-Instruct from the GGUF file the quickstart uses (`tune quickstart`'s
    conversion, reused when `DIR/model` exists);
-2. data: reasoning-gym `basic_arithmetic` (the quickstart's task: two numbers, + and -) as
-   preference pairs, chosen = the right answer, rejected = a corrupted one (off by a little,
-   the sign flipped, or digits swapped), with a held-out split sharing no question with train;
+2. data: reasoning-gym `basic_arithmetic` with one-digit numbers (0-10, + and -) as preference
+   pairs, chosen = the right answer, rejected = a corrupted one (off by 1 or 2, the sign
+   flipped, or off by 10), two pairs per question; the held-out questions share none with
+   train, and both splits go through the same corruption process. The prompt holds one worked
+   example (a two-digit sum, outside the task's range) so that the base model already replies
+   with a bare number, which is what the exact-answer scorer reads;
 3. before: held-out preference accuracy (the share of pairs where the model gives the right
-   answer the higher log-probability), the mean log-prob margin, and the exact-answer accuracy
-   of greedy replies (`recipes/evaluate.py`, reasoning-gym's scorer);
+   answer the higher log-probability, overall and per corruption kind), the mean log-prob
+   margin, and the exact-answer accuracy of greedy replies (`recipes/evaluate.py`,
+   reasoning-gym's scorer);
 4. DPO with LoRA (`recipes/dpo.py`, config `smollm2/135M_dpo_lora_quickstart`): the reference
    is the same model with its adapters disabled;
 5. after: the same measurements with the adapter; a table and `DIR/summary.json`.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -29,32 +34,42 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = "smollm2/135M_dpo_lora_quickstart"
-NUM_TRAIN, NUM_EVAL, SEED = 320, 100, 0
+TASK = "basic_arithmetic"
+TASK_CONFIG = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+", "-"],
+               "allow_parentheses": False, "allow_negation": False}  # 242 distinct questions
+SYSTEM_PROMPT = "Reply with only the answer."
+# One worked example before each question: without it the base model explains ("To calculate
+# 4 - 1, we need...") and scores 0 whatever it knows. Two-digit, so never a task question.
+EXAMPLE = [{"role": "user", "content": "Calculate 12 + 25."}, {"role": "assistant", "content": "37"}]
+NUM_TRAIN, NUM_EVAL, PAIRS_PER_QUESTION, SEED = 144, 50, 2, 0
+KINDS = ("near", "sign", "ten")
 
 
-def corrupt(answer: str, rng: random.Random) -> str:
-    """A wrong answer that looks like a right one."""
-    value = int(answer)
-    for _ in range(100):
-        kind = rng.choice(["near", "near", "sign", "swap"])
-        if kind == "near":
-            wrong = value + rng.choice([-10, -2, -1, 1, 2, 10])
-        elif kind == "sign":
-            wrong = -value
-        else:
-            digits = str(abs(value))
-            wrong = int(digits[::-1]) * (1 if value >= 0 else -1) if len(digits) > 1 else value + 1
-        if wrong != value:
-            return str(wrong)
-    return str(value + 1)
+def corrupt(value: int, kind: str, rng: random.Random) -> int:
+    """A wrong answer of one kind (it may equal `value`: the caller draws again)."""
+    if kind == "near":
+        return value + rng.choice([-2, -1, 1, 2])
+    if kind == "sign":
+        return -value
+    return value + rng.choice([-10, 10])
+
+
+def wrong_answers(answer: str, rng: random.Random) -> list[tuple[str, str]]:
+    """PAIRS_PER_QUESTION distinct (kind, wrong answer), the kinds drawn at random."""
+    value, found = int(answer), {}
+    while len(found) < PAIRS_PER_QUESTION:
+        kind = rng.choice(KINDS)
+        wrong = corrupt(value, kind, rng)
+        if wrong != value and str(wrong) not in found:
+            found[str(wrong)] = kind
+    return [(kind, wrong) for wrong, kind in found.items()]
 
 
 def write_pairs(work: Path) -> dict[str, Path]:
-    """`train_pairs.jsonl`, `eval_pairs.jsonl` (TRL's conversational form) and `eval.jsonl`
-    (chat rows for the evaluate recipe), from the quickstart's task and system prompt."""
+    """`train_pairs.jsonl`, `eval_pairs.jsonl` (TRL's conversational form, plus each pair's
+    corruption `kind`) and `eval.jsonl` (chat rows for the evaluate recipe)."""
     from tunewright.data.reasoning_gym import make_splits
     from tunewright.training.atomic import atomic_write_text
-    from tunewright.tune_cli.quickstart import SYSTEM_PROMPT, TASK, TASK_CONFIG
 
     splits = make_splits(TASK, num_train=NUM_TRAIN, num_eval=NUM_EVAL, seed=SEED, task_config=TASK_CONFIG,
                          system_prompt=SYSTEM_PROMPT)
@@ -63,8 +78,11 @@ def write_pairs(work: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for split, rows in splits.items():
+        for row in rows:  # [system, user, assistant] -> [system, example, user, assistant]
+            row["messages"][1:1] = EXAMPLE
         pairs = [{"prompt": row["messages"][:-1], "chosen": [{"role": "assistant", "content": row["answer"]}],
-                  "rejected": [{"role": "assistant", "content": corrupt(row["answer"], rng)}]} for row in rows]
+                  "rejected": [{"role": "assistant", "content": wrong}], "kind": kind}
+                 for row in rows for kind, wrong in wrong_answers(row["answer"], rng)]
         files[f"{split}_pairs"] = out / f"{split}_pairs.jsonl"
         atomic_write_text(files[f"{split}_pairs"], "".join(json.dumps(p) + "\n" for p in pairs))
     files["eval"] = out / "eval.jsonl"
@@ -72,8 +90,9 @@ def write_pairs(work: Path) -> dict[str, Path]:
     return files
 
 
-def preference(model_dir: Path, pairs: Path, adapter: Path | None) -> dict[str, float]:
-    """Held-out: share of pairs whose chosen answer has the higher log-prob, mean log-prob margin."""
+def preference(model_dir: Path, pairs: Path, adapter: Path | None) -> dict[str, Any]:
+    """Held-out: share of pairs whose chosen answer has the higher log-prob (overall and per
+    corruption kind), mean log-prob margin."""
     import torch
 
     from tunewright.data.preference import collate_pairs, preference_dataset
@@ -84,6 +103,8 @@ def preference(model_dir: Path, pairs: Path, adapter: Path | None) -> dict[str, 
 
     tokenizer = load_tokenizer(model_dir)
     dataset = preference_dataset(tokenizer, source=str(pairs))
+    kinds = [json.loads(line)["kind"] for line in pairs.read_text().splitlines()]
+    assert len(kinds) == len(dataset), "no pair is dropped at these lengths"
     model = load_pretrained(model_dir).eval()
     if adapter is not None:
         load_peft_adapter(model, adapter)
@@ -94,7 +115,10 @@ def preference(model_dir: Path, pairs: Path, adapter: Path | None) -> dict[str, 
             logps, _ = sequence_logprobs(model, collate_pairs(items, pad_id=tokenizer.pad_id, padding_free=True))
             margins.append(logps[: len(items)] - logps[len(items):])
     margin = torch.cat(margins)
-    return {"accuracy": float((margin > 0).double().mean()), "margin": float(margin.mean())}
+    right = (margin > 0).double()
+    per_kind = {kind: round(float(right[[i for i, k in enumerate(kinds) if k == kind]].mean()), 3)
+                for kind in sorted(set(kinds))}
+    return {"accuracy": float(right.mean()), "margin": float(margin.mean()), "accuracy_by_kind": per_kind}
 
 
 def main() -> int:
@@ -102,7 +126,7 @@ def main() -> int:
     parser.add_argument("--work-dir", default="out/dpo_demo")
     args = parser.parse_args()
     work = Path(args.work_dir)
-    start = time.perf_counter()
+    start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
 
     from tunewright.training.config import load_config, to_dict
     from tunewright.training.entry import run_recipe_file
@@ -116,8 +140,8 @@ def main() -> int:
     model_dir = _convert(work / "model")
     stage("data")
     files = write_pairs(work)
-    overrides = [f"model.path={model_dir}", f"dataset.source={files['train_pairs']}",
-                 f"val_dataset.source={files['eval_pairs']}", f"output_dir={work / 'dpo'}", "overwrite_output_dir=true"]
+    overrides = [f"model.path={model_dir}", f"dataset.source={files['train_pairs']}", f"output_dir={work / 'dpo'}",
+                 "overwrite_output_dir=true"]
     train_cfg = to_dict(load_config(configs()[CONFIG], overrides))
     # the evaluate recipe reads chat rows with the training config's model and tokenizer
     eval_cfg = {**train_cfg, "dataset": {"_component_": "tunewright.data.sft_dataset", "source": str(files["eval"]),
@@ -126,6 +150,7 @@ def main() -> int:
     stage("before: held-out preference and exact-answer accuracy")
     before = {**preference(model_dir, files["eval_pairs"], None),
               "exact": _evaluate(eval_cfg, files["eval"], work / "eval_base", adapter=None)["accuracy"]}
+    print(f"base: {before}", flush=True)
     stage("DPO with LoRA")
     print(f"tune run dpo --config {CONFIG} {' '.join(overrides)}", flush=True)
     t0 = time.perf_counter()
@@ -135,23 +160,33 @@ def main() -> int:
     adapter = work / "dpo" / "adapter"
     after = {**preference(model_dir, files["eval_pairs"], adapter),
              "exact": _evaluate(eval_cfg, files["eval"], work / "eval_dpo", adapter=adapter)["accuracy"]}
-    held_out = [r for r in history if "val_accuracy" in r]
+    print(f"after DPO: {after}", flush=True)
+    steps = [r for r in history if "loss" in r]
 
     seconds = time.perf_counter() - start
     rows = [("", "base", "after DPO"),
             ("held-out preference accuracy", f"{before['accuracy']:.2f}", f"{after['accuracy']:.2f}"),
+            *((f"  rejected = {kind}", f"{before['accuracy_by_kind'][kind]:.2f}",
+               f"{after['accuracy_by_kind'][kind]:.2f}") for kind in before["accuracy_by_kind"]),
             ("held-out log-prob margin", f"{before['margin']:+.2f}", f"{after['margin']:+.2f}"),
             ("exact-answer accuracy", f"{before['exact']:.2f}", f"{after['exact']:.2f}")]
-    print(f"\nSmolLM2-135M-Instruct, DPO (LoRA) on reasoning-gym arithmetic pairs: {NUM_TRAIN} train, "
-          f"{NUM_EVAL} held-out\n")
+    print(f"\nSmolLM2-135M-Instruct, DPO (LoRA) on reasoning-gym arithmetic pairs: {NUM_TRAIN} train and "
+          f"{NUM_EVAL} held-out questions, {PAIRS_PER_QUESTION} pairs each\n")
     for row in rows:
         print("  " + "   ".join(cell.ljust(30 if i == 0 else 10) for i, cell in enumerate(row)).rstrip())
-    print(f"\nDPO: {len(history and [r for r in history if 'loss' in r])} logged steps in {train_s:.0f} s; "
-          f"held-out reward accuracy / margin during training: "
-          + ", ".join(f"step {r['step']}: {r['val_accuracy']:.2f} / {r['val_margin']:+.2f}" for r in held_out))
-    print(f"total {seconds:.0f} s")
+    tokens = sum(r["num_tokens"] for r in steps)  # the logged steps' (every log_every_n_steps-th)
+    step_time = sum(r["step_time"] for r in steps)
+    print(f"\nDPO: {steps[-1]['step']} steps in {train_s:.0f} s ({tokens / step_time:.0f} tokens/s over the logged "
+          f"steps); train reward accuracy / margin: "
+          + ", ".join(f"step {r['step']}: {r['accuracy']:.2f} / {r['margin']:+.2f}" for r in steps))
+    cpu_s = time.process_time() - cpu_start
+    print(f"total {seconds:.0f} s wall, {cpu_s:.0f} CPU-s; load average {load_start:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end")
     summary = {"before": before, "after": after, "train_seconds": round(train_s, 1), "seconds": round(seconds, 1),
-               "held_out_during_training": held_out, "num_train": NUM_TRAIN, "num_eval": NUM_EVAL}
+               "cpu_seconds": round(cpu_s, 1), "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+               "train_tokens_per_second": round(tokens / step_time, 1), "train_log": steps,
+               "num_train_questions": NUM_TRAIN, "num_eval_questions": NUM_EVAL,
+               "pairs_per_question": PAIRS_PER_QUESTION}
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
