@@ -171,7 +171,7 @@ def test_teacher_of_another_vocabulary_is_one_line(tmp_path: Path, change: dict,
                            f"teacher_model.path={teacher}", *FAST], capture_output=True, text=True, timeout=300)
     lines = done.stderr.strip().splitlines()
     assert done.returncode != 0 and len(lines) == 1 and message in lines[0], done.stderr
-    assert "model:" not in done.stdout  # before any weight loaded
+    assert " parameters, " not in done.stdout  # before any weight loaded (the "model: N parameters" line)
 
 
 # ---------------------------------------------------------------- learning
