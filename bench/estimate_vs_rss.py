@@ -9,7 +9,8 @@ process's RSS (VmRSS) after torch, tunewright, the recipe and the modules its `m
 and the config is loaded and validated, just before `main(cfg)`: no model, data or tokenizer
 exists yet. The peak is the largest `peak_rss_mb` (ru_maxrss) the run logs over its
 steps (step 2 on has the optimizer state). Measured = peak - start-up; the estimate is
-`training/estimate`'s total for the same config in this process. Data, tokenizer and the
+`training/estimate`'s peak for the same config in this process: the larger of its training
+total and its loading phase (the weights as read plus the checkpoint file's mapped pages). Data, tokenizer and the
 allocator's slack are in the measured figure and in no estimated term.
 
 Cases: full, LoRA and QLoRA of the tiny Llama and of a random model of SmolLM2-135M's shape
@@ -113,8 +114,8 @@ def main() -> None:
             continue
         got = json.loads(line[len("RESULT "):])
         measured = got["peak_mb"] - got["startup_mb"]
-        estimated = est.total / 2**20
-        terms = {t.name: round(t.bytes / 2**20, 1) for t in est.terms}
+        estimated = est.peak / 2**20  # the larger of the training total and the loading phase
+        terms = {t.name: round(t.bytes / 2**20, 1) for t in est.terms} | {"(loading)": round(est.loading / 2**20, 1)}
         row = {"case": name, "estimate_mb": round(estimated, 1), "measured_mb": round(measured, 1),
                "error_pct": round(100 * (estimated - measured) / measured, 1),
                "startup_mb": round(got["startup_mb"], 1), "peak_mb": got["peak_mb"], "terms_mb": terms}

@@ -16,6 +16,9 @@ def table(est: Estimate, *, title: str) -> list[str]:
         lines.append(f"  {t.name:<{width}}  {human(t.bytes):>10}  {t.note}{host}")
     lines.append(f"  {'total':<{width}}  {human(est.total):>10}" +
                  (f"  (+{human(est.host_total)} in host memory)" if est.host_total else ""))
+    if est.loading:
+        lines.append(f"  {'loading':<{width}}  {human(est.loading):>10}  before training: the weights as read and the "
+                     "checkpoint file's pages; the peak is the larger of this and the total")
     lines.extend(f"  note: {n}" for n in est.notes)
     return lines
 
@@ -47,7 +50,7 @@ def verdict(cfg: Any, est: Estimate, *, capacity: int, label: str, device_type: 
             estimate_fn: Callable[..., Estimate]) -> tuple[bool, list[str]]:
     """(fits, lines): whether `est` fits in `capacity` bytes, and if not, its biggest term and
     the first change (re-estimated) that makes it fit."""
-    total = est.total
+    total = est.peak
     if total <= capacity:
         return True, [f"fits on {label}: {human(total)} of {human(capacity)} ({100 * total / capacity:.0f}%)"]
     big = est.biggest()
@@ -58,13 +61,13 @@ def verdict(cfg: Any, est: Estimate, *, capacity: int, label: str, device_type: 
             trial = estimate_fn(with_changes(cfg, **change), world_size=world_size)
         except ValueError:
             continue
-        if trial.total <= capacity:
+        if trial.peak <= capacity:
             keys = " ".join(f"{k}={_yaml(v)}" for k, v in change.items())
-            lines.append(f"would fit with {keys} ({human(trial.total)})")
+            lines.append(f"would fit with {keys} ({human(trial.peak)})")
             return False, lines
     if device_type == "cuda" and hasattr(cfg, "distributed"):
         for n in (2, 4, 8, 16, 32, 64, 128):
-            if n > world_size and estimate_fn(cfg, world_size=n).total <= capacity:
+            if n > world_size and estimate_fn(cfg, world_size=n).peak <= capacity:
                 lines.append(f"would fit with FSDP over {n} GPUs (tune run --nproc_per_node {min(n, 8)}"
                              f"{f' --nnodes {math.ceil(n / 8)}' if n > 8 else ''} ...)")
                 return False, lines

@@ -38,10 +38,16 @@ class Estimate:
     notes: list[str] = field(default_factory=list)  # assumptions: where the shape came from, tokens
     params: dict[str, ParamBytes] = field(default_factory=dict)  # model key -> its parameters
     activations: Any = None  # the measured `Activations` of a training micro-batch
+    loading: int = 0  # host memory while the checkpoint is read (one process on the CPU), before training
 
     @property
     def total(self) -> int:
         return sum(t.bytes for t in self.terms)
+
+    @property
+    def peak(self) -> int:
+        """The larger of the training total and the loading phase."""
+        return max(self.total, self.loading)
 
     @property
     def host_total(self) -> int:
@@ -174,6 +180,8 @@ def estimate(cfg: Any, *, world_size: int = 1, device_type: str = "cpu", size: s
         if master != compute and shard == 1:  # autocast keeps a compute-dtype copy of each weight that trains
             est.terms.append(Term("autocast weight copies", p.trainable * compute.itemsize,
                                   f"{_dtype(compute)} casts cached for the step"))
+    if device_type == "cpu" and shard == 1:
+        est.loading = _loading_bytes(cfg.model, p.trainable + p.frozen, master if trains and not lora else compute)
     if shard > 1:
         biggest_block = max(sum(q.numel() for q in layer.parameters()) for layer in model.layers)
         root = sum(q.numel() for n, q in model.named_parameters() if not n.startswith("layers."))
@@ -225,6 +233,19 @@ def estimate(cfg: Any, *, world_size: int = 1, device_type: str = "cpu", size: s
         est.terms.append(Term("KV cache", kv_cache_bytes(args, rows=work.kv_rows, length=work.kv_len, dtype=compute),
                               f"{work.kv_rows} sequences x {work.kv_len:,} positions, {_dtype(compute)}"))
     return est
+
+
+def _loading_bytes(model_cfg: dict[str, Any], numel: int, dtype: torch.dtype) -> int:
+    """Host memory while one process reads its checkpoint (`models/pretrained.py`): every
+    weight in the load dtype, and the safetensors file's pages mapped while it is read (the
+    files in `model.path`; a model not downloaded yet: bf16, as hub checkpoints mostly are).
+    Transforms (NF4, LoRA's master copies) run after the file is closed."""
+    from pathlib import Path
+
+    path = model_cfg.get("path")
+    files = sorted(Path(path).glob("*.safetensors")) if path and Path(path).is_dir() else []
+    stored = sum(f.stat().st_size for f in files) if files else 2 * numel
+    return numel * dtype.itemsize + stored
 
 
 def _extra_models(cfg: Any, compute: torch.dtype, master: torch.dtype) -> list[tuple[str, str, torch.dtype]]:
