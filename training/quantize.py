@@ -23,7 +23,9 @@ QAT is torchao's `QATConfig(base, step="prepare")` (every linear becomes a FakeQ
 computing with quantize-then-dequantize weights, and activations for the dynamic schemes), then
 `step="convert"` (back to `nn.Linear`, then the base config quantizes it). torchao's fake
 quantizers round exactly as its quantized tensors do, so the converted model's output equals
-the fake-quantized one bit for bit on CPU (tests/test_quantize.py).
+the fake-quantized one bit for bit on CPU (tests/test_quantize.py). The CPU schemes' quantizers
+are then swapped for training/fake_quant.py's: torchao's values and gradients bit for bit, in
+fewer passes over the tensors (QAT's cost per step; tests/test_fake_quant.py).
 
 LoRA: what gets deployed is the merged weight W + s·BA, quantized. Fake-quantizing only the
 frozen base W (torchtune's choice) trains a model that is not the deployed one, as the merged
