@@ -57,7 +57,9 @@ def _reference_counts(cfg) -> tuple[int, int, int, int]:
     if trainable:
         optimizer = instantiate(cfg.optimizer, params=trainable)
         if hasattr(optimizer, "_new_buffer"):  # torchao's low-bit Adam: its own state allocation
-            inner = lambda t: [getattr(t, n) for n in t.__tensor_flatten__()[0]] if hasattr(t, "codes") else [t]  # noqa: E731
+            def inner(t):
+                return [getattr(t, n) for n in t.__tensor_flatten__()[0]] if hasattr(t, "codes") else [t]
+
             states = [{"step": torch.tensor(0.0), "m": optimizer._new_buffer(p, True),
                        "v": optimizer._new_buffer(p, False)} for p in trainable]
             tensors = [x for s in states for t in s.values() for x in inner(t)]

@@ -189,8 +189,9 @@ def estimate(cfg: Any, *, world_size: int = 1, device_type: str = "cpu", size: s
                               "two blocks (one prefetched) and the unsharded root"))
 
     for key, label, dtype in _extra_models(cfg, compute, master):
-        extra_args, extra_source = (args, source) if key == "model" else model_args(getattr(cfg, key), size=None, key=key)
+        extra_args = args
         if key != "model":
+            extra_args, extra_source = model_args(getattr(cfg, key), key=key)
             est.notes.append(f"{key}: {extra_source}")
         extra = param_bytes(build_meta(extra_args, cfg, adapters=False), master=dtype, compute=dtype,
                             quantize_base=False, trains=False)
@@ -208,7 +209,8 @@ def estimate(cfg: Any, *, world_size: int = 1, device_type: str = "cpu", size: s
         saved = acts.total(checkpointing=ckpt, every=every)
         other = acts.total(checkpointing=not ckpt, every=every)
         tokens = work.rows * work.seq_len
-        layout = "padding-free" if padding_free else ("packed rows" if (cfg.dataset or {}).get("packed") else "padded rows")
+        packed = (cfg.dataset or {}).get("packed")
+        layout = "padding-free" if padding_free else ("packed rows" if packed else "padded rows")
         note = (f"{work.rows} x {work.seq_len} = {tokens:,} tokens per micro-batch ({layout}), "
                 f"checkpointing {'on' if ckpt else 'off'}; {'off' if ckpt else 'on'}: {_gib(other)}")
         if acts.approximate:
@@ -226,7 +228,8 @@ def estimate(cfg: Any, *, world_size: int = 1, device_type: str = "cpu", size: s
         # An adapted head is not a plain linear map: its chunks are recomputed, no fp32 head gradient.
         est.terms.append(Term("logits / loss chunks", loss_bytes(args, tokens=tokens, chunk_size=cfg.loss_chunk_size,
                                                                   dtype=compute, head_trains=not lora),
-                              f"chunks of {min(cfg.loss_chunk_size, tokens):,} tokens x {args.vocab_size:,} vocabulary"))
+                              f"chunks of {min(cfg.loss_chunk_size, tokens):,} tokens x {args.vocab_size:,} "
+                              "vocabulary"))
         est.notes.append(f"tokens per micro-batch: {work.rows} rows x {work.seq_len} (the longest a row may "
                          "be; padding-free batches and shorter rows take less)")
     if work.kv_rows:
