@@ -77,6 +77,12 @@ def as_written(check: Callable[[Path, Result], None] = lambda cwd, r: None) -> C
     return go
 
 
+def does_not_fit(cwd: Path, command: str) -> None:
+    """An estimate that says a run will not fit: exit 1, the biggest term and the change that fits."""
+    result = tune(cwd, command)
+    assert result.code == 1 and "does not fit" in result.out and "would fit with" in result.out, result.out
+
+
 def short_run(*setup: str, out: str = "out") -> Callable[[Path, str], None]:
     """A training or generation command: `setup` commands first (`tune cp ...`), then the command
     with its outputs under `cwd` and a few steps."""
@@ -217,6 +223,12 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "metric_logger._component_=tunewright.training.metric_loggers.TensorBoardLogger":
         short_run(),
     "tune plot ./run -o loss.png --smooth 0.6": with_lora_run(check=lambda cwd, r: (cwd / "loss.png").is_file() or pytest.fail()),
+    # README: will it fit?
+    "tune estimate --config llama3_1/8B_lora_single_device --device h100":
+        as_written(lambda cwd, r: "fits on NVIDIA H100" in r.out or pytest.fail(r.out)),
+    "tune estimate --config llama3_1/70B_lora_distributed --device h100 --nproc 8":
+        as_written(lambda cwd, r: "fits on NVIDIA H100" in r.out or pytest.fail(r.out)),
+    "tune estimate --config llama3_2/1B_full_single_device --device l4 batch_size=8": does_not_fit,
     # README: change the algorithm
     "tune run my_sft.py --config llama/tiny_lora": short_run("tune cp sft my_sft.py"),
     # tune --help
