@@ -224,3 +224,36 @@ def test_unknown_gpu_is_one_line(capsys):
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "h300" in lines[0] and "h100" in lines[0]
+
+
+_FIRST_STEP = r"""
+import torch
+from tunewright.models.pretrained import build_model
+from tunewright.models.registry import get_family
+def file_pages():  # MiB of mapped files (code, shared libraries) resident in this process
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("RssFile:")) / 1024
+model = build_model(get_family("llama").tiny, device="cpu")
+before = file_pages()
+optimizer = torch.optim.AdamW(model.parameters())
+model(torch.randint(0, 100, (2, 128)), hidden_only=True).square().mean().backward()
+optimizer.step()
+print(file_pages() - before)
+"""
+
+
+def test_cpu_runtime_term_holds_the_code_pages_a_first_step_touches():
+    """The CPU-only runtime term is at least what a fresh process maps in (torch's kernel code)
+    the first time it runs a forward, backward and AdamW step; a GPU estimate has no such term."""
+    import subprocess
+    import sys
+
+    from tunewright.training.estimate.devices import CPU_RUNTIME
+    from tunewright.training.estimate.terms import estimate
+
+    done = subprocess.run([sys.executable, "-c", _FIRST_STEP], capture_output=True, text=True, check=True)
+    touched = float(done.stdout.split()[-1]) * 2**20
+    assert 0 < touched <= CPU_RUNTIME, touched / 2**20
+    cfg = _cfg(REPO / "configs/llama/tiny_lora.yaml")
+    cpu, gpu = estimate(cfg, activations=False), estimate(cfg, device_type="cuda", activations=False)
+    assert cpu.term("CPU runtime").bytes == CPU_RUNTIME and gpu.term("CPU runtime") is None
+    assert cpu.loading >= CPU_RUNTIME

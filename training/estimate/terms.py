@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tunewright.training.estimate.activations import kv_cache_bytes, loss_bytes, measure
+from tunewright.training.estimate.devices import CPU_RUNTIME
 from tunewright.training.estimate.model import ParamBytes, build_meta, model_args, param_bytes
 
 PAIRED = ("dpo", "reward_model")  # a batch row is a pair: chosen and rejected rows go through together
@@ -180,8 +181,12 @@ def estimate(cfg: Any, *, world_size: int = 1, device_type: str = "cpu", size: s
         if master != compute and shard == 1:  # autocast keeps a compute-dtype copy of each weight that trains
             est.terms.append(Term("autocast weight copies", p.trainable * compute.itemsize,
                                   f"{_dtype(compute)} casts cached for the step"))
+    if device_type == "cpu":  # code pages, data and set-up: there from before loading to the end
+        est.terms.append(Term("CPU runtime", CPU_RUNTIME, "code pages, data set, tokenizer, set-up (measured, "
+                              "BENCHMARKS.md)"))
     if device_type == "cpu" and shard == 1:
         est.loading = _loading_bytes(cfg.model, p.trainable + p.frozen, master if trains and not lora else compute)
+        est.loading += CPU_RUNTIME
     if shard > 1:
         biggest_block = max(sum(q.numel() for q in layer.parameters()) for layer in model.layers)
         root = sum(q.numel() for n, q in model.named_parameters() if not n.startswith("layers."))
