@@ -1,6 +1,6 @@
 """`tune estimate`'s CPU total against the peak RSS a real run reaches above its start-up.
 
-    .venv/bin/python bench/estimate_vs_rss.py [--steps 3] [--only tiny_full,...]
+    .venv/bin/python bench/estimate_vs_rss.py [--steps 3] [--only tiny_full,...] [--phases]
 
 Each case runs the sft recipe in a fresh subprocess, with packed rows so every micro-batch
 holds exactly batch_size x max_seq_len tokens (the estimate's assumption). "Start-up" is the
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,26 @@ for name in ("tunewright.modules.peft.qlora", "tunewright.data", "tunewright.dat
              "torch._dynamo", "torchao"):
     importlib.import_module(name)
 start = rss_mb()
+if sys.argv[1:2] and __import__("os").environ.get("PHASES"):  # --phases: RSS around each phase of the run
+    import functools
+    def status():
+        d = {k: int(v.split()[0]) / 1024 for k, v in (x.split(":", 1) for x in open("/proc/self/status"))
+             if k in ("VmRSS", "RssAnon", "RssFile")}
+        return f"rss {d['VmRSS'] - start:+7.1f}  anon {d['RssAnon']:7.1f}  file {d['RssFile']:7.1f}"
+    def wrap(owner, attr, label):
+        f = getattr(owner, attr)
+        @functools.wraps(f)
+        def g(*a, **k):
+            print(f"PHASE before {label:<16} {status()}", flush=True)
+            out = f(*a, **k)
+            print(f"PHASE after  {label:<16} {status()}", flush=True)
+            return out
+        setattr(owner, attr, g)
+    from tunewright.training import data_setup, objectives, optim, placement
+    for owner, attr, label in ((data_setup, "build_data", "data"), (placement.Placement, "load_model", "model"),
+                               (optim, "build_optimizer", "optimizer"), (objectives, "causal_lm_loss", "forward"),
+                               (torch.Tensor, "backward", "backward"), (optim, "optimizer_step", "step")):
+        wrap(owner, attr, label)
 history = module.main(cfg)
 print("RESULT " + json.dumps({"startup_mb": start, "peak_mb": max(r["peak_rss_mb"] for r in history)}))
 """
@@ -91,6 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated case names")
+    parser.add_argument("--phases", action="store_true",
+                        help="print the RSS above start-up (and anonymous / file-backed MiB) around each phase")
     opts = parser.parse_args()
 
     from tunewright.training.entry import import_recipe, load_recipe_config
@@ -106,8 +129,11 @@ def main() -> None:
         path = find_config(config)[0]
         overrides = [*overrides, f"output_dir=/tmp/tunewright-bench/{name}"]
         est = estimate(load_recipe_config(import_recipe(recipe), path, overrides))
+        env = {**os.environ, **({"PHASES": "1"} if opts.phases else {})}
         done = subprocess.run([sys.executable, "-c", CHILD, str(recipe), str(path), *overrides],
-                              capture_output=True, text=True, cwd=REPO)
+                              capture_output=True, text=True, cwd=REPO, env=env)
+        for phase in (x for x in done.stdout.splitlines() if x.startswith("PHASE ")):
+            print(f"{name}: {phase}", flush=True)
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(f"{name}: failed\n{done.stderr[-2000:]}", flush=True)

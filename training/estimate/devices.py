@@ -15,13 +15,14 @@ GPUS: dict[str, tuple[str, int]] = {  # --device name -> (card, MiB nvidia-smi r
     "rtx4090": ("NVIDIA GeForce RTX 4090 24GB", 24564),
 }
 CUDA_CONTEXT = 512 * 2**20  # CUDA context and allocator slack: a typical figure, not measured here
-# What one CPU training process gains above its imports before (and in) its first step, beside
-# the model, measured once (bench/estimate_vs_rss.py's tiny runs, VmRSS sampled around each phase;
-# BENCHMARKS.md 2026-12-06): library code pages first touched (file-backed, +27 MiB: torch's
-# kernels, arrow, the tokenizer), the data set and tokenizer (+16 MiB for the tiny data set; more
-# for a large one), and the run's set-up (this estimate's meta probe, the MFU matmul probe,
-# optimizer and scheduler objects, about +5 MiB). On a GPU it is host memory, not the device's.
-CPU_RUNTIME = 48 * 2**20
+# What one CPU training process gains above its imports, beside its model and tensors, measured
+# once on the tiny full and LoRA sft runs (VmRSS/RssFile/RssAnon sampled before and after each
+# phase, BENCHMARKS.md 2026-12-06): library code pages first touched (file-backed, +27-28 MiB:
+# the estimate's own probe, datasets/arrow, the tokenizer, torch's forward/backward/optimizer
+# kernels), the data set and tokenizer (+16 MiB anonymous for the tiny data set; more for a large
+# one) and the set-up before the first step (+10 MiB: the estimate's meta probe, the MFU matmul
+# probe, optimizer and scheduler objects); 51-52 MiB in all. Host memory, so CPU estimates only.
+CPU_RUNTIME = 51 * 2**20
 
 
 def human(num_bytes: float) -> str:
