@@ -15,14 +15,15 @@ GPUS: dict[str, tuple[str, int]] = {  # --device name -> (card, MiB nvidia-smi r
     "rtx4090": ("NVIDIA GeForce RTX 4090 24GB", 24564),
 }
 CUDA_CONTEXT = 512 * 2**20  # CUDA context and allocator slack: a typical figure, not measured here
-# What one CPU training process gains above its imports, beside its model and tensors, measured
-# once on the tiny full and LoRA sft runs (VmRSS/RssFile/RssAnon sampled before and after each
-# phase, BENCHMARKS.md 2026-12-06): library code pages first touched (file-backed, +27-28 MiB:
-# the estimate's own probe, datasets/arrow, the tokenizer, torch's forward/backward/optimizer
-# kernels), the data set and tokenizer (+16 MiB anonymous for the tiny data set; more for a large
-# one) and the set-up before the first step (+10 MiB: the estimate's meta probe, the MFU matmul
-# probe, optimizer and scheduler objects); 51-52 MiB in all. Host memory, so CPU estimates only.
-CPU_RUNTIME = 51 * 2**20
+# What one CPU training process keeps above its imports, beside its model and tensors, measured
+# once on the tiny full and LoRA sft runs (VmRSS, RssFile, RssAnon and glibc's mallinfo2 sampled
+# around each phase; bench/estimate_vs_rss.py --phases, BENCHMARKS.md 2026-12-06): library code
+# pages first touched (file-backed, +27-28 MiB: the estimate's own probe, datasets/arrow, the
+# tokenizer, torch's forward/backward/optimizer kernels) and the live part of what the data set,
+# tokenizer and set-up allocate (+7-10 MiB, tiny data set; more for a large one). Not in it: the
+# ~17 MiB the set-up allocates and frees, which glibc keeps in its heap (reused by the full run's
+# activations, not by the LoRA run's). Host memory, so CPU estimates only.
+CPU_RUNTIME = 35 * 2**20
 
 
 def human(num_bytes: float) -> str:
