@@ -10,8 +10,11 @@ and the config is loaded and validated, just before `main(cfg)`: no model, data 
 exists yet. The peak is the largest `peak_rss_mb` (ru_maxrss) the run logs over its
 steps (step 2 on has the optimizer state). Measured = peak - start-up; the estimate is
 `training/estimate`'s peak for the same config in this process: the larger of its training
-total and its loading phase (the weights as read plus the checkpoint file's mapped pages). Data, tokenizer and the
-allocator's slack are in the measured figure and in no estimated term.
+total and its loading phase (the weights as read plus the checkpoint file's mapped pages), both with
+the CPU runtime term (code pages first touched, the live data set, tokenizer and set-up). The free
+memory glibc keeps in its heap (what the set-up freed, what backward freed) is in the measured
+figure; no term models it (the "backward buffers" term, fitted on the CPU, covers part). `--phases` shows where
+the RSS grows (BENCHMARKS.md).
 
 Cases: full, LoRA and QLoRA of the tiny Llama and of a random model of SmolLM2-135M's shape
 (made once under /tmp, with the tiny byte tokenizer), fp32 on the CPU.
@@ -46,12 +49,19 @@ for name in ("tunewright.modules.peft.qlora", "tunewright.data", "tunewright.dat
              "torch._dynamo", "torchao"):
     importlib.import_module(name)
 start = rss_mb()
-if sys.argv[1:2] and __import__("os").environ.get("PHASES"):  # --phases: RSS around each phase of the run
-    import functools
+if __import__("os").environ.get("PHASES"):  # --phases: RSS around each phase of the run
+    import ctypes, functools
+    class MallInfo2(ctypes.Structure):  # glibc >= 2.33: fordblks = bytes free inside malloc's heap
+        _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
+                    "fordblks keepcost".split()]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
     def status():
         d = {k: int(v.split()[0]) / 1024 for k, v in (x.split(":", 1) for x in open("/proc/self/status"))
              if k in ("VmRSS", "RssAnon", "RssFile")}
-        return f"rss {d['VmRSS'] - start:+7.1f}  anon {d['RssAnon']:7.1f}  file {d['RssFile']:7.1f}"
+        free = libc.mallinfo2().fordblks / 2**20
+        return (f"rss {d['VmRSS'] - start:+7.1f}  anon {d['RssAnon']:7.1f}  file {d['RssFile']:7.1f}  "
+                f"heap free {free:6.1f}")
     def wrap(owner, attr, label):
         f = getattr(owner, attr)
         @functools.wraps(f)
@@ -113,7 +123,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated case names")
     parser.add_argument("--phases", action="store_true",
-                        help="print the RSS above start-up (and anonymous / file-backed MiB) around each phase")
+                        help="print the RSS above start-up, anonymous and file-backed MiB and the free MiB glibc keeps in its heap "
+                             "around each phase")
     opts = parser.parse_args()
 
     from tunewright.training.entry import import_recipe, load_recipe_config
