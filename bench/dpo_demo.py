@@ -1,12 +1,13 @@
 """DPO demo, offline on the CPU: SmolLM2-135M-Instruct learns to prefer right answers.
 
-    .venv/bin/python bench/dpo_demo.py [--work-dir out/dpo_demo]
+    .venv/bin/python bench/dpo_demo.py [--work-dir out/dpo_demo] [--kinds near,sign,ten]
 
 1. model: SmolLM2-135M-Instruct from the GGUF file the quickstart uses (`tune quickstart`'s
    conversion, reused when `DIR/model` exists);
 2. data: reasoning-gym `basic_arithmetic` with one-digit numbers (0-10, + and -) as preference
-   pairs, chosen = the right answer, rejected = a corrupted one (off by 1 or 2, the sign
-   flipped, or off by 10), two pairs per question; the held-out questions share none with
+   pairs, chosen = the right answer, rejected = a corrupted one (`--kinds`: off by 1 or 2, the
+   sign flipped, or off by 10; `near`, off by 1 or 2, is the hard kind: telling 7 from 8 needs
+   the exact sum, which 36 steps of a 135M model did not learn, 0.51 -> 0.65), two pairs per question; the held-out questions share none with
    train, and both splits go through the same corruption process. The prompt holds one worked
    example (a two-digit sum, outside the task's range) so that the base model already replies
    with a bare number, which is what the exact-answer scorer reads;
@@ -42,7 +43,8 @@ SYSTEM_PROMPT = "Reply with only the answer."
 # 4 - 1, we need...") and scores 0 whatever it knows. Two-digit, so never a task question.
 EXAMPLE = [{"role": "user", "content": "Calculate 12 + 25."}, {"role": "assistant", "content": "37"}]
 NUM_TRAIN, NUM_EVAL, PAIRS_PER_QUESTION, SEED = 144, 50, 2, 0
-KINDS = ("near", "sign", "ten")
+KINDS = ("near", "sign", "ten")  # what --kinds may name
+CHOSEN_KINDS = KINDS
 
 
 def corrupt(value: int, kind: str, rng: random.Random) -> int:
@@ -58,7 +60,7 @@ def wrong_answers(answer: str, rng: random.Random) -> list[tuple[str, str]]:
     """PAIRS_PER_QUESTION distinct (kind, wrong answer), the kinds drawn at random."""
     value, found = int(answer), {}
     while len(found) < PAIRS_PER_QUESTION:
-        kind = rng.choice(KINDS)
+        kind = rng.choice(CHOSEN_KINDS)
         wrong = corrupt(value, kind, rng)
         if wrong != value and str(wrong) not in found:
             found[str(wrong)] = kind
@@ -124,7 +126,12 @@ def preference(model_dir: Path, pairs: Path, adapter: Path | None) -> dict[str, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work-dir", default="out/dpo_demo")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"corruptions of the rejected answers, of {KINDS}")
     args = parser.parse_args()
+    global CHOSEN_KINDS
+    CHOSEN_KINDS = tuple(k for k in args.kinds.split(",") if k)
+    if not CHOSEN_KINDS or set(CHOSEN_KINDS) - set(KINDS):
+        parser.error(f"--kinds: a comma-separated subset of {', '.join(KINDS)}")
     work = Path(args.work_dir)
     start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
 
@@ -186,7 +193,7 @@ def main() -> int:
                "cpu_seconds": round(cpu_s, 1), "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
                "train_tokens_per_second": round(tokens / step_time, 1), "train_log": steps,
                "num_train_questions": NUM_TRAIN, "num_eval_questions": NUM_EVAL,
-               "pairs_per_question": PAIRS_PER_QUESTION}
+               "pairs_per_question": PAIRS_PER_QUESTION, "kinds": list(CHOSEN_KINDS)}
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
