@@ -123,8 +123,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated case names")
     parser.add_argument("--phases", action="store_true",
-                        help="print the RSS above start-up, anonymous and file-backed MiB and the free MiB glibc keeps in its heap "
-                             "around each phase")
+                        help="print the RSS above start-up, anonymous and file-backed MiB and the free MiB "
+                             "glibc keeps in its heap around each phase")
     opts = parser.parse_args()
 
     from tunewright.training.entry import import_recipe, load_recipe_config
