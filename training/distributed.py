@@ -67,6 +67,14 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def any_rank(flag: bool, device: torch.device | str) -> bool:
+    """Whether `flag` holds on any data-parallel rank (one small all-reduce; no-op alone), for
+    decisions every rank must take together, e.g. one more forward that gathers weights."""
+    if not is_distributed():
+        return flag
+    return all_reduce_sum(torch.tensor(1.0 if flag else 0.0, device=device)).item() > 0
+
+
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     """Maximum over the data-parallel group."""
     if is_distributed():

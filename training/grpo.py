@@ -105,11 +105,13 @@ def refill_groups(prompts: list, out: Any, scores: Tensor, draw: Callable[[], tu
     `max_rounds` stay (the recipe leaves them out of the step). Under FSDP every process rolls
     out as long as any one still needs groups (the forwards gather weights together). Returns
     (prompts, rollouts, scores, rounds drawn)."""
+    from tunewright.training.distributed import any_rank
+
     g = num_generations
     rounds = 0
     while rounds < max_rounds:
         equal = zero_variance_groups(total(scores), g).tolist()
-        if not _any_rank(any(equal), scores.device):
+        if not any_rank(any(equal), scores.device):
             break
         new_prompts, new_out, new_scores = draw()
         rounds += 1
@@ -121,14 +123,6 @@ def refill_groups(prompts: list, out: Any, scores: Tensor, draw: Callable[[], tu
                 getattr(out, field)[rows] = getattr(new_out, field)[new_rows]
             scores[rows] = new_scores[new_rows]
     return prompts, out, scores, rounds
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    from tunewright.training import distributed as dist
-
-    if not dist.is_distributed():
-        return flag
-    return dist.all_reduce_sum(torch.tensor(1.0 if flag else 0.0, device=device)).item() > 0
 
 
 def rollout_metrics(zero_std_groups: Tensor, lengths: Tensor, truncated: Tensor) -> dict[str, Tensor]:

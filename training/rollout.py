@@ -178,8 +178,6 @@ def _done_everywhere(done: bool, device: torch.device) -> bool:
     """Whether every data-parallel rank's rows have finished: under FSDP each decode step's
     forward gathers weights from all ranks, so a rank whose rows are done keeps stepping (its
     finished rows idle) until all are."""
-    from tunewright.training import distributed as dist
+    from tunewright.training.distributed import any_rank
 
-    if not dist.is_distributed():
-        return done
-    return dist.all_reduce_sum(torch.tensor(0.0 if done else 1.0, device=device)).item() == 0
+    return not any_rank(not done, device)
