@@ -196,9 +196,7 @@ class TeacherCache:
         examples = batch["example_ids"]
 
         def missing() -> bool:
-            gap = torch.tensor(float(any(e not in self._buffer and e not in self._index for e in examples)),
-                               device=device)
-            return bool(dist.all_reduce_max(gap))
+            return dist.any_rank(any(e not in self._buffer and e not in self._index for e in examples), device)
 
         gap = missing()
         if gap:
