@@ -24,7 +24,22 @@ def _cfg(path: Path, overrides: tuple[str, ...] = ()):
     return load_recipe_config(import_recipe(REPO / "recipes" / f"{recipe}.py"), path, list(overrides))
 
 
-def _reference_counts(cfg) -> tuple[int, int, int, int]:
+def _size(cfg, config: Path) -> str | None:
+    """The size table row to estimate a config whose model is not on this machine by: None when
+    the model directory is there or its name spells a size; else the row the config's own name
+    spells (`smollm2/135M_lora_quickstart.yaml` -> smollm2_135m: the quickstart and demo configs
+    read a model the quickstart writes, absent on a fresh checkout)."""
+    from tunewright.training.estimate.model import size_from_name
+
+    path = cfg.model["path"]
+    if (Path(path) / "config.json").is_file() or size_from_name(path):
+        return None
+    size = size_from_name(f"{config.parent.name}_{config.stem.split('_')[0]}")
+    assert size, f"{config}: neither its model path nor its name spells a size"
+    return size
+
+
+def _reference_counts(cfg, size: str | None = None) -> tuple[int, int, int, int]:
     """(trainable bytes, frozen bytes, optimizer state bytes, bytes of the largest trainable
     tensor) counted on the model built on meta
     the way Placement builds it for FSDP2: load dtype, adapters, master dtype for what trains."""
@@ -36,7 +51,10 @@ def _reference_counts(cfg) -> tuple[int, int, int, int]:
     from tunewright.training.precision import Precision
 
     path = cfg.model["path"]
-    args = model_args(path)[1] if (Path(path) / "config.json").is_file() else find_size(size_from_name(path))[1]
+    if size is None:
+        args = model_args(path)[1] if (Path(path) / "config.json").is_file() else find_size(size_from_name(path))[1]
+    else:
+        args = find_size(size)[1]
     if cfg.model.get("num_labels"):  # a reward model's score head
         from tunewright.models.score import with_num_labels
 
@@ -82,8 +100,9 @@ def test_parameter_gradient_optimizer_bytes_are_exact(path):
     from tunewright.training.estimate.terms import estimate
 
     cfg = _cfg(path)
-    est = estimate(cfg, activations=False)
-    trainable, frozen, state, largest = _reference_counts(cfg)
+    size = _size(cfg, path)
+    est = estimate(cfg, activations=False, size=size)
+    trainable, frozen, state, largest = _reference_counts(cfg, size)
     if hasattr(cfg, "optimizer"):
         lora = getattr(cfg, "lora_rank", None) is not None
         assert est.term("adapters" if lora else "weights that train").bytes == trainable
