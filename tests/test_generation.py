@@ -147,6 +147,26 @@ def test_sample_top_p_support_and_frequencies():
     assert sample(logits[:2], temperature=0.0).tolist() == [1, 1]
 
 
+def test_draw_frequencies_follow_the_probabilities_and_never_pick_a_zero():
+    from tunewright.training.generation import draw
+
+    # Unnormalised weights with zeros at both ends and between, and one tiny entry.
+    weights = torch.tensor([0.0, 2.0, 0.0, 1.0, 1e-3, 5.0, 0.0])
+    n = 200_000
+    g = torch.Generator().manual_seed(0)
+    ids = draw(weights.expand(n, -1), generator=g)
+    counts = torch.bincount(ids, minlength=len(weights)).double()
+    assert counts[weights == 0].sum() == 0
+    expected = weights.double() / weights.sum() * n
+    keep = expected > 0
+    # Pearson's chi-square over 4 free cells: its 99.99th percentile is ~23.5.
+    chi2 = (((counts - expected) ** 2 / expected)[keep]).sum().item()
+    assert chi2 < 23.5, (counts, expected)
+    # Same generator state, same draws (rollouts' resume depends on it).
+    again = draw(weights.expand(n, -1), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ids, again)
+
+
 def test_vocab_size_keeps_ids_below_it():
     model = tiny()
     got = generate(model, PROMPTS, max_new_tokens=24, temperature=50.0, seed=0, vocab_size=10)

@@ -66,8 +66,20 @@ def sample(
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(logits.softmax(dim=-1), generator=generator)
+
+
+def draw(probs: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of `probs` [b, vocab] (non-negative, not necessarily summing to 1), with
+    probability proportional to its entry: inverse-CDF sampling, one uniform per row against the
+    running sums. `torch.multinomial` draws an exponential per vocabulary entry instead, which
+    measured ~5x slower on the CPU at 32 x 49,152. Sums in float64, so that a token of
+    probability 1e-9 keeps it: float32 running sums over 50k entries are off by ~1e-5."""
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    u = torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64, device=probs.device)
+    # right=True: the first id whose running sum exceeds u, so a zero-probability id (a flat
+    # step of the sums) is never picked; the clamp covers u * total rounding up to the total.
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tunewright.modules.precision import compute_autocast
-from tunewright.training.generation import check_sampling, sample
+from tunewright.training.generation import check_sampling, draw, sample
 
 
 @dataclass
@@ -96,9 +96,8 @@ def rollout(
             ids, logp, lengths, stopped = _decode(
                 model, unique, num_generations, max_new_tokens, device=device, pad_id=pad_id,
                 stops=torch.tensor(sorted({int(t) for t in stop_ids}) or [-1], device=device),
-                pick=lambda logits: sample(logits[:, :vocab_size], temperature=temperature, top_k=top_k,
-                                           top_p=top_p, generator=generator),
-                temperature=temperature)
+                pick=lambda logits: _pick(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                          generator=generator, vocab_size=vocab_size))
     finally:
         model.reset_caches()
         model.train(was_training)
@@ -114,7 +113,7 @@ def rollout(
 
 def _decode(
     model: nn.Module, prompts: list[list[int]], g: int, max_new_tokens: int, *, device: torch.device,
-    pad_id: int, stops: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor], temperature: float,
+    pad_id: int, stops: torch.Tensor, pick: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, log-probs [rows, max_new_tokens], lengths, stopped [rows]) of every output row."""
     n, width = len(prompts), max(len(p) for p in prompts)
@@ -145,9 +144,7 @@ def _decode(
     active = torch.arange(rows, device=device)  # the output row of each batch row
     finished = torch.zeros(rows, dtype=torch.bool, device=device)  # per batch row
     for step in range(max_new_tokens):
-        next_ids = pick(logits)
-        scaled = logits / temperature if temperature > 0 else logits
-        chosen = torch.log_softmax(scaled, dim=-1).gather(1, next_ids[:, None]).squeeze(1)
+        next_ids, chosen = pick(logits)
         live = ~finished
         ids[active[live], step] = next_ids[live]
         logp[active[live], step] = chosen[live]
@@ -172,6 +169,21 @@ def _decode(
                        key_mask=key_mask, hidden_only=True)
         logits = model.head(hidden[:, -1]).float()
     return ids, logp, lengths, stopped
+
+
+def _pick(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
+          generator: torch.Generator | None, vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next ids [b], their log-probs [b] under softmax(logits / temperature)) for logits [b, vocab].
+    Without top-k / top-p the draw reuses the log-softmax the log-probs need (one pass over the
+    vocabulary fewer per step); the ids stay below `vocab_size`, the log-probs are over every
+    logit, as the training step's recomputation."""
+    logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
+    if temperature > 0 and top_k is None and top_p is None:
+        next_ids = draw(logp[:, :vocab_size].exp(), generator=generator)
+    else:
+        next_ids = sample(logits[:, :vocab_size], temperature=temperature, top_k=top_k, top_p=top_p,
+                          generator=generator)
+    return next_ids, logp.gather(1, next_ids[:, None]).squeeze(1)
 
 
 def _done_everywhere(done: bool, device: torch.device) -> bool:
