@@ -8,7 +8,8 @@
 `loss:` picks the objective (`training/preference.py`, each with its paper's formula): `dpo`
 (with `label_smoothing` for cDPO, `robust` for robust DPO), `hinge` (RSO), `ipo`, which compare
 the policy with a reference; `simpo` and `orpo`, which need none; `kto`, on unpaired examples
-(`unpaired_preference_dataset`). The reference (`training/reference.py`): with LoRA the same
+(`unpaired_preference_dataset`). `rpo_alpha` adds the chosen answer's NLL to a pairwise
+loss (RPO). The reference (`training/reference.py`): with LoRA the same
 model with its adapters disabled; with full fine-tuning a frozen copy, or, with
 `precompute_ref_logps: true`, one pass of the untrained policy over the data before training,
 cached in output_dir. torchtune's names (`lora_dpo_single_device`, `lora_dpo_distributed`,
@@ -37,6 +38,9 @@ class Config(TrainConfig, LoRAConfig, ParallelConfig):
     label_smoothing: Annotated[float, Range(ge=0, lt=0.5)] = 0.0  # dpo, simpo: labels flipped with this probability
     robust: bool = False  # dpo with label_smoothing: the unbiased robust DPO loss instead of cDPO
     gamma: Annotated[float, Range(ge=0)] = 0.5  # simpo: the target reward margin γ
+    # dpo, hinge, ipo, simpo: + α times the chosen answer's mean NLL per pair (RPO, Pang et al.
+    # 2024; TRL's loss_type [sigmoid, sft] / rpo_alpha): the right answer's likelihood rises too
+    rpo_alpha: Annotated[float, Range(ge=0)] = 0.0
     desirable_weight: Annotated[float, Range(gt=0)] = 1.0  # kto: λ_D
     undesirable_weight: Annotated[float, Range(gt=0)] = 1.0  # kto: λ_U
     # Full fine-tuning: reference log-probs from one pass before training (no frozen copy kept),
@@ -53,18 +57,23 @@ def pair_losses(cfg: Config, logps: Any, counts: Any, ref_logps: Any, batch: dic
                      undesirable_weight=cfg.undesirable_weight)
     b = batch["num_pairs"]  # rows 0..b-1 chosen, b..2b-1 rejected
     chosen, rejected, n_chosen, n_rejected = logps[:b], logps[b:], counts[:b], counts[b:]
-    if cfg.loss == "simpo":
-        return P.simpo(chosen, rejected, n_chosen, n_rejected, beta=cfg.beta, gamma=cfg.gamma,
-                       label_smoothing=cfg.label_smoothing)
     if cfg.loss == "orpo":
         return P.orpo(chosen, rejected, n_chosen, n_rejected, beta=cfg.beta)
-    ref_chosen, ref_rejected = ref_logps[:b], ref_logps[b:]
-    if cfg.loss == "ipo":
-        return P.ipo(chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected, beta=cfg.beta)
-    if cfg.loss == "hinge":
-        return P.hinge(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta)
-    return P.dpo(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-                 robust=cfg.robust)
+    if cfg.loss == "simpo":
+        losses, metrics = P.simpo(chosen, rejected, n_chosen, n_rejected, beta=cfg.beta, gamma=cfg.gamma,
+                                  label_smoothing=cfg.label_smoothing)
+    else:
+        ref_chosen, ref_rejected = ref_logps[:b], ref_logps[b:]
+        if cfg.loss == "ipo":
+            losses, metrics = P.ipo(chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected, beta=cfg.beta)
+        elif cfg.loss == "hinge":
+            losses, metrics = P.hinge(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta)
+        else:
+            losses, metrics = P.dpo(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
+                                    label_smoothing=cfg.label_smoothing, robust=cfg.robust)
+    if cfg.rpo_alpha:
+        losses = losses + cfg.rpo_alpha * P.chosen_nll(chosen, n_chosen)
+    return losses, metrics
 
 
 def main(cfg: Config) -> list[dict]:

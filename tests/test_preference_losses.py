@@ -84,7 +84,8 @@ def _accelerator() -> SimpleNamespace:
 
 def _trl_dpo(loss_type: str, beta: float, label_smoothing: float, chosen: torch.Tensor, rejected: torch.Tensor,
              ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, chosen_counts: torch.Tensor,
-             rejected_counts: torch.Tensor) -> torch.Tensor:
+             rejected_counts: torch.Tensor, loss_weights: tuple[float, ...] = (1.0,),
+             extra_losses: tuple[str, ...] = ()) -> torch.Tensor:
     from trl.trainer.dpo_trainer import DPOTrainer
 
     width = int(max(chosen_counts.max(), rejected_counts.max())) + 1
@@ -93,7 +94,7 @@ def _trl_dpo(loss_type: str, beta: float, label_smoothing: float, chosen: torch.
     model = _FakeModel({id(input_ids): per_token})
     fake = SimpleNamespace(
         model=model, accelerator=_accelerator(), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0], beta=beta,
+        f_divergence_type="reverse_kl", loss_types=[loss_type, *extra_losses], loss_weights=list(loss_weights), beta=beta,
         label_smoothing=label_smoothing, use_weighting=False, _metrics={"train": defaultdict(list)},
         _total_train_tokens=0, _tp_size=1, args=SimpleNamespace(gradient_checkpointing_kwargs=None))
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(mask), "completion_mask": mask,
@@ -133,6 +134,28 @@ def test_reference_losses_equal_trl(loss_type: str, beta: float, smoothing: floa
     _check(losses.mean(), theirs, [chosen, rejected])
     torch.testing.assert_close(metrics["rewards/chosen"], beta * (chosen - ref_chosen).detach())
     torch.testing.assert_close(metrics["accuracy"], (chosen - ref_chosen > rejected - ref_rejected).double())
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_rpo_term_equals_trl_sigmoid_plus_sft(alpha: float) -> None:
+    # TRL's `sft` averages over all chosen tokens of the batch, ours per pair: equal when every
+    # chosen answer has the same length (the rejected ones need not).
+    from tunewright.recipes.dpo import Config, pair_losses
+
+    chosen, rejected = _leaves(20, 21)
+    ref_chosen, ref_rejected = _seq(22), _seq(23)
+    counts_c, counts_r = torch.full((B,), 7.0, dtype=torch.float64), _lengths(24)
+    theirs = _trl_dpo("sigmoid", 0.1, 0.0, chosen, rejected, ref_chosen, ref_rejected, counts_c, counts_r,
+                      loss_weights=(1.0, alpha), extra_losses=("sft",))
+    cfg = SimpleNamespace(loss="dpo", beta=0.1, label_smoothing=0.0, robust=False, rpo_alpha=alpha)
+    ours, _ = pair_losses(cfg, torch.cat([chosen, rejected]), torch.cat([counts_c, counts_r]),
+                          torch.cat([ref_chosen, ref_rejected]), {"num_pairs": B}, None)
+    _check(ours.mean(), theirs, [chosen, rejected])
+    assert Config.__dataclass_fields__["rpo_alpha"].default == 0.0  # off unless asked for
+    plain, _ = pair_losses(SimpleNamespace(**{**vars(cfg), "rpo_alpha": 0.0}), torch.cat([chosen, rejected]),
+                           torch.cat([counts_c, counts_r]), torch.cat([ref_chosen, ref_rejected]),
+                           {"num_pairs": B}, None)
+    assert (ours - plain).detach().abs().min() > 0.1  # the term is there, per pair
 
 
 def _cpo(loss_type: str, beta: float, smoothing: float, **extra: float) -> SimpleNamespace:

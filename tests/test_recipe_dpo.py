@@ -149,6 +149,8 @@ def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path: Path, monkeypa
     (LORA, ["loss=simpo", "precompute_ref_logps=true"], "precompute_ref_logps: loss simpo uses no reference"),
     (FULL, ["loss=kto", "precompute_ref_logps=true"], "precompute_ref_logps: kto forms its KL rows"),
     (LORA, ["loss=sigmoid"], "loss"),
+    (LORA, ["loss=orpo", "rpo_alpha=1.0"], "rpo_alpha: loss orpo has its own SFT term"),
+    (LORA, ["rpo_alpha=-1"], "rpo_alpha"),
 ])
 def test_bad_config_is_one_line(tmp_path: Path, config: Path, overrides: list[str], message: str) -> None:
     import subprocess

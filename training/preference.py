@@ -130,6 +130,16 @@ def orpo(chosen_logps: Tensor, rejected_logps: Tensor, chosen_counts: Tensor, re
     return losses, metrics
 
 
+def chosen_nll(chosen_logps: Tensor, chosen_counts: Tensor) -> Tensor:
+    """The SFT term RPO adds to a pairwise loss (Pang et al. 2024, "Iterative Reasoning
+    Preference Optimization", arXiv:2404.19733, eq. 2): -log π(y_w|x) / |y_w| per pair, so that
+    the chosen answer's likelihood rises, not only the margin (DPO alone can lower both; on
+    reasoning tasks that costs accuracy). TRL's `loss_type: [sigmoid, sft]` (its older
+    `rpo_alpha`) averages over all chosen tokens of the batch instead; the two agree when the
+    chosen answers have equal lengths."""
+    return -chosen_logps.float() / chosen_counts.clamp(min=1)
+
+
 def kto_kl(logratio_sum: Tensor, count: Tensor) -> Tensor:
     """KTO's reference point z₀: the KL estimate mean(log π(y'|x) - log π_ref(y'|x)) over
     mismatched pairs (x, y'), clamped at 0 (a KL is never negative) and detached (no gradient
@@ -206,6 +216,9 @@ def check_preference_config(cfg: Any) -> None:
 
     if cfg.precompute_ref_logps and cfg.loss in REFERENCE_FREE:
         raise ConfigError(f"precompute_ref_logps: loss {cfg.loss} uses no reference model; drop the key")
+    if getattr(cfg, "rpo_alpha", 0.0) and cfg.loss in ("orpo", "kto"):
+        reason = "has its own SFT term" if cfg.loss == "orpo" else "has no chosen answer to add it to"
+        raise ConfigError(f"rpo_alpha: loss {cfg.loss} {reason}; set rpo_alpha: 0 or another loss")
     if cfg.precompute_ref_logps and cfg.loss == "kto":
         raise ConfigError("precompute_ref_logps: kto forms its KL rows from each batch, which a pass before "
                           "training cannot know; use LoRA (reference = adapters off) or a frozen copy (the default)")
