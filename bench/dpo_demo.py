@@ -127,6 +127,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work-dir", default="out/dpo_demo")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"corruptions of the rejected answers, of {KINDS}")
+    parser.add_argument("overrides", nargs="*", help="config overrides for the DPO run (key=value), e.g. rpo_alpha=0")
     args = parser.parse_args()
     global CHOSEN_KINDS
     CHOSEN_KINDS = tuple(k for k in args.kinds.split(",") if k)
@@ -148,7 +149,7 @@ def main() -> int:
     stage("data")
     files = write_pairs(work)
     overrides = [f"model.path={model_dir}", f"dataset.source={files['train_pairs']}", f"output_dir={work / 'dpo'}",
-                 "overwrite_output_dir=true"]
+                 "overwrite_output_dir=true", *args.overrides]
     train_cfg = to_dict(load_config(configs()[CONFIG], overrides))
     # the evaluate recipe reads chat rows with the training config's model and tokenizer
     eval_cfg = {**train_cfg, "dataset": {"_component_": "tunewright.data.sft_dataset", "source": str(files["eval"]),
@@ -193,7 +194,8 @@ def main() -> int:
                "cpu_seconds": round(cpu_s, 1), "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
                "train_tokens_per_second": round(tokens / step_time, 1), "train_log": steps,
                "num_train_questions": NUM_TRAIN, "num_eval_questions": NUM_EVAL,
-               "pairs_per_question": PAIRS_PER_QUESTION, "kinds": list(CHOSEN_KINDS)}
+               "pairs_per_question": PAIRS_PER_QUESTION, "kinds": list(CHOSEN_KINDS),
+               "overrides": args.overrides}
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 

@@ -58,6 +58,9 @@ class Layout:
     cache_pos: int = 0  # cached: where the queries start
     block_masks: dict = field(default_factory=dict)  # flex: one block mask per window, per forward
     positions: torch.Tensor | None = None  # [b | 1, s] each query's position (RoPE's), set by the decoder
+    # varlen prefill into KV caches: (cache rows [T], cache positions [T]) each token's keys and
+    # values are also written to (rollouts prefill their prompts padding-free, `training/rollout.py`)
+    cache_index: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def varlen(cls, seq_lens: Sequence[int], device: torch.device | str) -> "Layout":

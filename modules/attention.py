@@ -78,6 +78,10 @@ class Attention(nn.Module):
             if self.kv_cache is None:
                 raise ValueError("a cached layout needs KV caches: call model.setup_caches(...) first")
             k, v = self.kv_cache.update(layout.cache_pos, k, v)
+        elif layout.cache_index is not None:  # a packed prefill: fill the caches, attend as varlen
+            if self.kv_cache is None:
+                raise ValueError("a prefill into KV caches needs them: call model.setup_caches(...) first")
+            self.kv_cache.scatter(*layout.cache_index, k, v)
         out = attend(q, k, v, layout, scale=self.scale, window=self.sliding_window, softcap=self.softcap,
                      chunk=self.chunk_size)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))

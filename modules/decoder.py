@@ -126,6 +126,7 @@ class Decoder(nn.Module):
         seq_lens: Sequence[int] | None = None,
         key_mask: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        cache_index: tuple[torch.Tensor, torch.Tensor] | None = None,
         hidden_only: bool = False,
     ) -> torch.Tensor:
         """tokens [b, s] -> logits [b, s, vocab] (or normed hidden [b, s, dim] if hidden_only).
@@ -140,13 +141,18 @@ class Decoder(nn.Module):
         [b | 1, 1, s, s] bool (True = attend): an explicit mask instead of causal attention, for
         layouts no other argument expresses (a prompt shared by its completions,
         `training/grpo.py`); positions come from input_pos, windows are not applied to it.
+        cache_index (rows [T], positions [T]), with seq_lens: a padding-free prefill that also
+        writes each token's keys and values into the KV caches at that row and position
+        (prompts of different lengths, left-padded in the cache, `training/rollout.py`).
         """
         with compute_autocast(self, tokens.device):  # mixed precision: modules/precision.py
-            return self._forward(tokens, input_pos, doc_ids, cache_pos, seq_lens, key_mask, hidden_only, attn_mask)
+            return self._forward(tokens, input_pos, doc_ids, cache_pos, seq_lens, key_mask, hidden_only, attn_mask,
+                                 cache_index)
 
     def _forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None, doc_ids: torch.Tensor | None,
                  cache_pos: int | None, seq_lens: Sequence[int] | None, key_mask: torch.Tensor | None,
-                 hidden_only: bool, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 hidden_only: bool, attn_mask: torch.Tensor | None = None,
+                 cache_index: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, s = tokens.shape
         h = self.tok_embeddings(tokens)
         if self.embed_scale is not None:
@@ -159,6 +165,10 @@ class Decoder(nn.Module):
         layout = self.layout(tokens, doc_ids=doc_ids, cache_pos=cache_pos, seq_lens=seq_lens, key_mask=key_mask) \
             if attn_mask is None else Layout("masked", mask=attn_mask)
         layout.positions = input_pos  # chunked attention and query temperatures (Llama 4) read them
+        if cache_index is not None:
+            if layout.kind != "varlen":
+                raise ValueError("cache_index fills KV caches from a padding-free prefill: pass seq_lens too")
+            layout.cache_index = cache_index
         if layout.kind in ("varlen", "batch"):
             # Every training batch has its own length (and the last one fewer rows): compiled
             # blocks trace them as symbols from the first batch on (one graph) instead of

@@ -23,6 +23,14 @@ class KVCache(nn.Module):
         self.k = self.k.index_select(0, rows)
         self.v = self.v.index_select(0, rows)
 
+    def scatter(self, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k/v [1, kv_heads, T, d] of T packed tokens: token t to row rows[t], position
+        positions[t] (a padding-free prefill of prompts of different lengths)."""
+        if k.shape[2] and int(positions.max()) >= self.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} exceeds the KV cache of {self.max_seq_len}")
+        self.k[rows, :, positions] = k[0].transpose(0, 1).to(self.k.dtype)
+        self.v[rows, :, positions] = v[0].transpose(0, 1).to(self.v.dtype)
+
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [b, kv_heads, s, d] at positions start..start+s; return everything so far."""
         end = start + k.shape[2]

@@ -17,6 +17,18 @@ from tunewright.training.rollout import rollout
 ARGS = {
     "llama": ModelArgs(family="llama", vocab_size=101, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                        intermediate_dim=128),
+    # Attention variants whose masks follow positions: windows, soft-caps, chunks with NoPE and
+    # query temperatures, q/k norms; windows and chunks shorter than the longest prompt.
+    "gemma2": ModelArgs(family="gemma2", vocab_size=101, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                        intermediate_dim=128, head_dim=16, sliding_window=4, layer_types=("sliding_attention",
+                        "full_attention"), attn_softcap=5.0, final_softcap=30.0, sandwich_norms=True,
+                        norm_offset=1.0, embed_scale=8.0, activation="gelu_pytorch_tanh", tie_embeddings=True),
+    "llama4": ModelArgs(family="llama4", vocab_size=101, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                        intermediate_dim=128, attn_chunk_size=3, layer_types=("chunked_attention", "full_attention"),
+                        nope_layers=(1,), attn_temperature=(4.0, 0.1), qk_norm=True, qk_norm_weight=False,
+                        rope_interleaved=True),
+    "qwen3": ModelArgs(family="qwen3", vocab_size=101, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_dim=128, head_dim=16, qk_norm=True),
 }
 PROMPTS = [[1, 5, 7, 9, 11, 4, 2], [3, 4], [8, 8, 2, 60, 7], [99]]
 
@@ -29,8 +41,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny(std: float = 0.3) -> torch.nn.Module:
-    model = build_model(ARGS["llama"], device="cpu")
+def tiny(std: float = 0.3, family: str = "llama") -> torch.nn.Module:
+    model = build_model(ARGS[family], device="cpu")
     init_weights(model, seed=0, std=std)  # wide: argmax far from ties under any summation order
     return model.eval()
 
@@ -53,6 +65,21 @@ def test_greedy_rows_of_different_lengths_equal_transformers_one_prompt_at_a_tim
     assert got.prompts == [p for p in PROMPTS for _ in range(2)]
     assert got.truncated == [True] * 8
     assert len(set(map(tuple, want))) == len(PROMPTS)  # not a degenerate model
+
+
+@pytest.mark.parametrize("family", ["gemma2", "llama4", "qwen3"])
+def test_mixed_lengths_in_one_batch_equal_each_prompt_decoded_alone(family):
+    """The padding-free prefill into a left-padded cache and the masked decode give, for each
+    row, the greedy tokens of `generate` on that prompt alone (a cache with no padding)."""
+    from tunewright.training.generation import generate
+
+    model = tiny(family=family)
+    prompts = PROMPTS + [[4, 9, 13, 2, 6, 6, 31, 8, 1, 17, 5]]  # past the window and the chunks
+    n = 12
+    want = [generate(model, [p], max_new_tokens=n)[0] for p in prompts]
+    got = rollout(model, prompts, num_generations=2, max_new_tokens=n, temperature=0.0)
+    assert got.completions == [w for w in want for _ in range(2)]
+    assert len(set(map(tuple, want))) == len(prompts)  # not a degenerate model
 
 
 def test_stops_end_rows_alone_and_dropping_finished_rows_changes_nothing():

@@ -8,10 +8,11 @@ trained, returning the completions and the log-probs they were sampled with.
     out.truncated[i]     # ran into max_new_tokens without a stop id
 
 Unlike `generation.generate` (prompts of one length decoded together), every row of every
-prompt length decodes in one batch: prompts are left-padded to the longest, each row's RoPE
-positions start at its own first real token, and a key mask hides the padding from attention
-(`Decoder.forward(key_mask=...)`). Each distinct prompt is prefilled once and its KV cache
-copied to its generations. Rows that stop are dropped from the batch (and their caches) once
+prompt length decodes in one batch: the cache holds the prompts left-padded to the longest,
+each row's RoPE positions start at its own first real token, and a key mask hides the padding
+from attention (`Decoder.forward(key_mask=...)`). Each distinct prompt is prefilled once,
+padding-free (the prompts end to end, `Decoder.forward(cache_index=...)` writing each token's
+keys into its row of the cache), and its KV cache copied to its generations. Rows that stop are dropped from the batch (and their caches) once
 a quarter of the batch has stopped, so finished rows stop costing compute.
 
 The log-probs are those of the full distribution at `temperature` (before top-k / top-p cut
@@ -118,22 +119,30 @@ def _decode(
     """(ids, log-probs [rows, max_new_tokens], lengths, stopped [rows]) of every output row."""
     n, width = len(prompts), max(len(p) for p in prompts)
     total = width + max_new_tokens
-    # Left-padded prompts; each row's positions count from its first real token.
-    starts = torch.tensor([width - len(p) for p in prompts], device=device)
-    tokens = torch.full((n, width), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, width - len(p):] = torch.tensor(p)
+    # The cache holds the prompts left-padded to the longest; each row's positions count from
+    # its first real token.
+    lens = [len(p) for p in prompts]
+    starts = torch.tensor([width - k for k in lens], device=device)
     cols = torch.arange(total, device=device)
     key_mask = cols[None, :] >= starts[:, None]  # [n, total]: real (or still to come) positions
     positions = (cols[None, :] - starts[:, None]).clamp(min=0)
 
+    # Prefill padding-free: the prompts end to end in one row (no FLOP on padding, which in a
+    # batch of mixed lengths can be a third of the prefill), each token's keys written to its
+    # row and column of the left-padded cache.
     model.setup_caches(n, total)
-    hidden = model(tokens.to(device), input_pos=positions[:, :width], cache_pos=0, key_mask=key_mask,
+    lengths = torch.tensor(lens)
+    rows = torch.repeat_interleave(torch.arange(n), lengths)  # each packed token's prompt
+    host_pos = torch.cat([torch.arange(k) for k in lens])  # and its position in that prompt
+    cache_index = (rows.to(device), (host_pos + (width - lengths)[rows]).to(device))
+    tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)[None]
+    hidden = model(tokens, input_pos=host_pos.to(device)[None], seq_lens=lens, cache_index=cache_index,
                    hidden_only=True)
+    last = lengths.cumsum(0).sub(1).to(device)  # each prompt's last token in the packed row
     # Each prompt prefilled once; its cache and last logits copied to its g generations.
     copies = torch.arange(n, device=device).repeat_interleave(g)
     model.select_cache_rows(copies)
-    logits = model.head(hidden[:, -1]).float()[copies]
+    logits = model.head(hidden[0, last]).float()[copies]
     key_mask, positions = key_mask[copies], positions[copies]
 
     rows = n * g
