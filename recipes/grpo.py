@@ -72,6 +72,7 @@ def main(cfg: Config) -> list[dict]:
     from tunewright.training import distributed as dist
     from tunewright.training.batching import StepBatches, global_sum
     from tunewright.training.data_setup import build_data
+    from tunewright.training.estimate import announce_for_prompts
     from tunewright.training.grpo import (check_grpo_config, completion_logprobs, completion_mask, group_advantages,
                                           micro_batches, padded, policy_loss, refill_groups, resample_pool, rollout_batch, rollout_metrics,
                                           shared_prompt_batch, shares_prompts, zero_variance_groups)
@@ -92,11 +93,12 @@ def main(cfg: Config) -> list[dict]:
     seed_everything(cfg.seed)
     G = cfg.num_generations
     with Placement(cfg) as place:  # this device, or FSDP2 shards over torchrun's processes
-        run = Run.from_config(cfg, checkpointer=place.checkpointer())
+        run = Run.from_config(cfg, checkpointer=place.checkpointer(), announce=False)
         device = place.device
 
         # -------------------------------------------------------------- prompts and rewards
         tokenizer, train, val = build_data(dataclasses.replace(cfg, batch_size=cfg.batch_size // G))
+        announce_for_prompts(cfg, train.dataset)  # the memory estimate, for these prompts' lengths
         data = StepBatches(train, epochs=cfg.epochs, max_steps_per_epoch=cfg.max_steps_per_epoch,
                            max_steps=cfg.max_steps)
         rewards = instantiate(cfg.rewards)

@@ -74,6 +74,7 @@ def main(cfg: Config) -> list[dict]:
     from tunewright.training import distributed as dist
     from tunewright.training.batching import StepBatches, global_sum
     from tunewright.training.data_setup import build_data
+    from tunewright.training.estimate import announce_for_prompts
     from tunewright.training.grpo import completion_logprobs, completion_mask, micro_batches, padded
     from tunewright.training.instantiate import instantiate
     from tunewright.training.lora_setup import add_lora, peft_adapter_ok
@@ -95,11 +96,12 @@ def main(cfg: Config) -> list[dict]:
     check_ppo_config(cfg)  # before any weight loads
     seed_everything(cfg.seed)
     with Placement(cfg) as place:  # this device, or FSDP2 shards over torchrun's processes
-        run = Run.from_config(cfg, checkpointer=place.checkpointer())
+        run = Run.from_config(cfg, checkpointer=place.checkpointer(), announce=False)
         device = place.device
 
         # -------------------------------------------------------------- prompts and the reward
         tokenizer, train, val = build_data(cfg)
+        announce_for_prompts(cfg, train.dataset)  # the memory estimate, for these prompts' lengths
         data = StepBatches(train, epochs=cfg.epochs, max_steps_per_epoch=cfg.max_steps_per_epoch,
                            max_steps=cfg.max_steps)
         sampling = SamplingGenerator(cfg.seed + dist.data_rank(), device)  # each data rank its own samples

@@ -231,6 +231,36 @@ def test_kv_cache_of_generation_recipes():
     assert estimate(cfg, activations=False).term("KV cache").bytes == want
 
 
+@pytest.mark.parametrize("recipe,config", [("grpo", "llama/tiny_grpo"), ("ppo", "llama/tiny_ppo_lora")])
+def test_a_generating_run_estimates_its_longest_prompt_not_the_whole_context(tmp_path, capsys, recipe, config):
+    """GRPO and PPO print the estimate once their prompts are tokenised: a micro-batch row is
+    the longest prompt plus max_new_tokens (the config sets no max_prompt_len)."""
+    from tunewright.data.prompts import PromptDataset
+    from tunewright.training.entry import run_recipe_file
+
+    seen: list[int] = []
+    original = PromptDataset.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(max(len(item["prompt_ids"]) for item in self.items))
+
+    cfg_path = REPO / "configs" / f"{config}.yaml"
+    cfg = _cfg(cfg_path)
+    assert not (cfg.dataset or {}).get("max_prompt_len")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PromptDataset, "__init__", spy)
+        run_recipe_file(REPO / "recipes" / f"{recipe}.py", cfg_path,
+                        [f"output_dir={tmp_path}", "max_steps=1", "progress_bar=false", "num_threads=1",
+                         "save_every_n_steps=null", "eval_every_n_steps=null"])
+    out = capsys.readouterr().out
+    assert out.count("memory estimate:") == 1
+    rows = max(cfg.batch_size // cfg.num_minibatches, 1)
+    length = seen[0] + cfg.max_new_tokens  # the train set's, tokenised first
+    assert length < cfg.tokenizer["max_seq_len"]
+    assert f"{rows} x {length} = {rows * length:,} tokens per micro-batch" in out
+
+
 def test_tiny_run_fits_on_cpu(capsys):
     assert tune(["estimate", "--config", "llama/tiny_lora"]) == 0
     out = capsys.readouterr().out

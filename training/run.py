@@ -137,10 +137,12 @@ class Run:
             raise
 
     @classmethod
-    def from_config(cls, cfg: Any, *, checkpointer: Any = None) -> "Run":
+    def from_config(cls, cfg: Any, *, checkpointer: Any = None, announce: bool = True) -> "Run":
         """A run from the recipe config's `output_dir`, `resume_from_checkpoint`,
         `overwrite_output_dir`, `keep_last_n_checkpoints`, `metric_logger`, `progress_bar`,
-        `on_nonfinite` and `max_nonfinite_steps`; saves the config."""
+        `on_nonfinite` and `max_nonfinite_steps`; saves the config. `announce=False`: the
+        recipe prints the memory estimate itself, once it knows more (its prompts' lengths,
+        `estimate.announce_for_prompts`)."""
         from tunewright.training.instantiate import instantiate
 
         if getattr(cfg, "on_nonfinite", "stop") == "skip" and getattr(cfg, "optimizer_in_backward", False):
@@ -155,9 +157,10 @@ class Run:
         # After the directory is ours: a logger may write files into it.
         run.metric_logger = instantiate(cfg.metric_logger, output_dir=cfg.output_dir)
         save_config(cfg, run.output_dir)
-        from tunewright.training.estimate import announce
+        if announce:
+            from tunewright.training.estimate import announce as announce_estimate
 
-        announce(cfg)  # the memory the run needs, term by term, before any weight loads (rank 0)
+            announce_estimate(cfg)  # the memory the run needs, term by term, before any weight loads (rank 0)
         return run
 
     def _say(self, *lines: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 # Imported inside the functions: `tune --help` imports this package (for the GPU table) and
 # must not wait for torch.
-__all__ = ["announce", "fit_report"]
+__all__ = ["announce", "announce_for_prompts", "fit_report"]
 
 
 def _estimate(cfg: Any, *, world_size: int, device_type: str, size: str | None) -> Any:
@@ -72,3 +72,17 @@ def announce(cfg: Any) -> None:
         print(f"memory estimate: not available ({str(e).splitlines()[0] if str(e) else type(e).__name__})", flush=True)
         return
     print("\n".join(lines), flush=True)
+
+
+def announce_for_prompts(cfg: Any, prompts: Any) -> None:
+    """`announce` for a run that generates from `prompts` (a `PromptDataset`: GRPO, PPO): the
+    rows it trains on are its longest prompt plus max_new_tokens, not the tokenizer's whole
+    context, which a config without `dataset.max_prompt_len` would otherwise have to assume
+    (an estimate 20x too high for short prompts)."""
+    import dataclasses
+
+    items = getattr(prompts, "items", None)  # a data set of another kind: the config's bound
+    longest = max((len(item["prompt_ids"]) for item in items), default=0) if isinstance(items, list) else 0
+    if longest and isinstance(cfg.dataset, dict):
+        cfg = dataclasses.replace(cfg, dataset={**cfg.dataset, "max_prompt_len": longest})
+    announce(cfg)

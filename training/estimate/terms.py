@@ -126,7 +126,7 @@ def workload(cfg: Any, args_max: int) -> Workload:
     batch = getattr(cfg, "batch_size", 1)
     if recipe in PAIRED:
         return Workload(rows=batch if getattr(cfg, "loss", "dpo") == "kto" else 2 * batch, seq_len=seq)
-    if recipe == "grpo":
+    if recipe in ("grpo", "ppo"):  # batch_size: completions (GRPO) or prompts of one completion (PPO)
         prompt = (cfg.dataset or {}).get("max_prompt_len") or seq
         length = int(prompt) + cfg.max_new_tokens
         return Workload(rows=max(batch // cfg.num_minibatches, 1), seq_len=length, kv_rows=batch, kv_len=length)
