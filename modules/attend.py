@@ -253,7 +253,9 @@ def _decode_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         k, v = k[:, :, start:], v[:, :, start:]
         mask = mask[..., start:] if mask is not None else None
     grouped = q.reshape(b, kv_heads, h // kv_heads, d)
-    if softcap is None:
+    # fp32 on the CPU: explicit scores beat SDPA's flash kernel for one query (0.55 vs 0.72 ms per
+    # layer at 32 rows x 160 keys, 2 threads); in half precision SDPA keeps the scores in fp32.
+    if softcap is None and not (q.device.type == "cpu" and q.dtype == torch.float32):
         out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)
     else:
         out = _manual(grouped, k, v, mask, scale, softcap, causal=False)
