@@ -43,6 +43,7 @@ SYSTEM_PROMPT = "Reply with only the answer."
 # 4 - 1, we need...") and scores 0 whatever it knows. Two-digit, so never a task question.
 EXAMPLE = [{"role": "user", "content": "Calculate 12 + 25."}, {"role": "assistant", "content": "37"}]
 NUM_TRAIN, NUM_EVAL, PAIRS_PER_QUESTION, SEED = 144, 50, 2, 0
+OWN_SAMPLES = 8  # --rejected own: replies sampled per question to find the model's own wrong ones
 KINDS = ("near", "sign", "ten")  # what --kinds may name
 CHOSEN_KINDS = KINDS
 
@@ -67,9 +68,44 @@ def wrong_answers(answer: str, rng: random.Random) -> list[tuple[str, str]]:
     return [(kind, wrong) for wrong, kind in found.items()]
 
 
-def write_pairs(work: Path) -> dict[str, Path]:
+def own_wrong_answers(model_dir: Path, rows: list[dict], rng: random.Random) -> list[list[tuple[str, str]]]:
+    """Per row, PAIRS_PER_QUESTION distinct wrong replies the base model itself samples
+    (temperature 1, OWN_SAMPLES per question, scored by reasoning-gym's scorer), as (kind, reply):
+    `own number` for a bare wrong number, `own text` for anything else; a question the model
+    got right every time takes corruptions (their kinds) for what it lacks."""
+    import torch
+
+    from tunewright.data.reasoning_gym import score_fn
+    from tunewright.data.tokenizer import load_tokenizer
+    from tunewright.models import load_pretrained
+    from tunewright.training.generation import strip_stop
+    from tunewright.training.rollout import rollout
+
+    tokenizer = load_tokenizer(model_dir)
+    model = load_pretrained(model_dir).eval()
+    score = score_fn(TASK)
+    prompts = [tokenizer.tokenize_messages(row["messages"][:-1], add_generation_prompt=True)[0] for row in rows]
+    out = rollout(model, prompts, num_generations=OWN_SAMPLES, max_new_tokens=12, temperature=1.0,
+                  stop_ids=tokenizer.stop_ids, generator=torch.Generator().manual_seed(SEED),
+                  vocab_size=tokenizer.vocab_size)
+    found = []
+    for i, row in enumerate(rows):
+        wrong: dict[str, str] = {}
+        for ids in out.completions[i * OWN_SAMPLES:(i + 1) * OWN_SAMPLES]:
+            reply = tokenizer.decode(strip_stop(ids, tokenizer.stop_ids)).strip()
+            if reply and reply not in wrong and score(reply, row) < 1:
+                wrong[reply] = "own number" if reply.lstrip("-").isdigit() else "own text"
+        picked = list(wrong.items())[:PAIRS_PER_QUESTION]
+        for kind, corrupted in wrong_answers(row["answer"], rng):
+            if len(picked) < PAIRS_PER_QUESTION and corrupted not in wrong:
+                picked.append((corrupted, kind))
+        found.append([(kind, reply) for reply, kind in picked])
+    return found
+
+
+def write_pairs(work: Path, model_dir: Path, rejected: str) -> dict[str, Path]:
     """`train_pairs.jsonl`, `eval_pairs.jsonl` (TRL's conversational form, plus each pair's
-    corruption `kind`) and `eval.jsonl` (chat rows for the evaluate recipe)."""
+    rejected `kind`) and `eval.jsonl` (chat rows for the evaluate recipe)."""
     from tunewright.data.reasoning_gym import make_splits
     from tunewright.training.atomic import atomic_write_text
 
@@ -82,9 +118,13 @@ def write_pairs(work: Path) -> dict[str, Path]:
     for split, rows in splits.items():
         for row in rows:  # [system, user, assistant] -> [system, example, user, assistant]
             row["messages"][1:1] = EXAMPLE
+        if rejected == "own":
+            wrongs = own_wrong_answers(model_dir, rows, rng)
+        else:
+            wrongs = [wrong_answers(row["answer"], rng) for row in rows]
         pairs = [{"prompt": row["messages"][:-1], "chosen": [{"role": "assistant", "content": row["answer"]}],
                   "rejected": [{"role": "assistant", "content": wrong}], "kind": kind}
-                 for row in rows for kind, wrong in wrong_answers(row["answer"], rng)]
+                 for row, row_wrongs in zip(rows, wrongs) for kind, wrong in row_wrongs]
         files[f"{split}_pairs"] = out / f"{split}_pairs.jsonl"
         atomic_write_text(files[f"{split}_pairs"], "".join(json.dumps(p) + "\n" for p in pairs))
     files["eval"] = out / "eval.jsonl"
@@ -127,6 +167,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work-dir", default="out/dpo_demo")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"corruptions of the rejected answers, of {KINDS}")
+    parser.add_argument("--rejected", choices=("corrupted", "own"), default="corrupted",
+                        help="rejected answers: corruptions of the right one (--kinds), or the base model's own "
+                             "wrong replies")
     parser.add_argument("overrides", nargs="*", help="config overrides for the DPO run (key=value), e.g. rpo_alpha=0")
     args = parser.parse_args()
     global CHOSEN_KINDS
@@ -147,7 +190,7 @@ def main() -> int:
     stage("model")
     model_dir = _convert(work / "model")
     stage("data")
-    files = write_pairs(work)
+    files = write_pairs(work, model_dir, args.rejected)
     overrides = [f"model.path={model_dir}", f"dataset.source={files['train_pairs']}", f"output_dir={work / 'dpo'}",
                  "overwrite_output_dir=true", *args.overrides]
     train_cfg = to_dict(load_config(configs()[CONFIG], overrides))
@@ -195,7 +238,7 @@ def main() -> int:
                "train_tokens_per_second": round(tokens / step_time, 1), "train_log": steps,
                "num_train_questions": NUM_TRAIN, "num_eval_questions": NUM_EVAL,
                "pairs_per_question": PAIRS_PER_QUESTION, "kinds": list(CHOSEN_KINDS),
-               "overrides": args.overrides}
+               "overrides": args.overrides, "rejected": args.rejected}
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
