@@ -78,17 +78,23 @@ def main() -> None:
         assert out.shape == (args.prompts * args.generations, width + args.new_tokens)
         return new_tokens / seconds
 
-    run_ours(), run_theirs()  # warm-up
+    interleaved(run_ours, run_theirs, args.repeats,
+                f"{args.prompts} prompts x {args.generations} generations x {args.new_tokens} new tokens, "
+                f"prompts {len(prompts[0])}-{width} tokens, {args.threads} threads")
+
+
+def interleaved(run_ours, run_theirs, repeats: int, what: str) -> None:
+    """A warm-up of each, then ours, theirs, ours, ... `repeats` times; prints each and the medians."""
+    run_ours(), run_theirs()
     figures: dict[str, list[float]] = {"tunewright": [], "transformers": []}
-    for rep in range(args.repeats):
+    for rep in range(repeats):
         figures["tunewright"].append(run_ours())
         figures["transformers"].append(run_theirs())
         print(f"run {rep + 1}: tunewright {figures['tunewright'][-1]:.0f} tok/s, "
               f"transformers {figures['transformers'][-1]:.0f} tok/s", flush=True)
     ours_median, theirs_median = (statistics.median(v) for v in figures.values())
     print(f"median: tunewright {ours_median:.0f} tok/s, transformers {theirs_median:.0f} tok/s, "
-          f"ratio {ours_median / theirs_median:.2f}x ({args.prompts} prompts x {args.generations} generations x "
-          f"{args.new_tokens} new tokens, prompts {len(prompts[0])}-{width} tokens, {args.threads} threads)")
+          f"ratio {ours_median / theirs_median:.2f}x ({what})")
 
 
 def real_model(args: argparse.Namespace) -> None:
@@ -136,18 +142,10 @@ def real_model(args: argparse.Namespace) -> None:
             tokens += ends[0] + 1 if ends else len(row)
         return tokens / seconds
 
-    run_ours(), run_theirs()  # warm-up
-    figures: dict[str, list[float]] = {"tunewright": [], "transformers": []}
-    for rep in range(args.repeats):
-        figures["tunewright"].append(run_ours())
-        figures["transformers"].append(run_theirs())
-        print(f"run {rep + 1}: tunewright {figures['tunewright'][-1]:.0f} tok/s, "
-              f"transformers {figures['transformers'][-1]:.0f} tok/s", flush=True)
-    ours_median, theirs_median = (statistics.median(v) for v in figures.values())
-    print(f"median: tunewright {ours_median:.0f} tok/s, transformers {theirs_median:.0f} tok/s, "
-          f"ratio {ours_median / theirs_median:.2f}x (real model {args.model}, GRPO demo prompts "
-          f"{min(map(len, prompts))}-{width} tokens, {args.prompts} prompts x {args.generations} generations, "
-          f"up to {args.new_tokens} new tokens, stop ids {stops}, {args.threads} threads)")
+    interleaved(run_ours, run_theirs, args.repeats,
+                f"real model {args.model}, GRPO demo prompts {min(map(len, prompts))}-{width} tokens, {args.prompts} "
+                f"prompts x {args.generations} generations, up to {args.new_tokens} new tokens, stop ids {stops}, "
+                f"{args.threads} threads")
 
 
 if __name__ == "__main__":
