@@ -168,6 +168,10 @@ class Decoder(nn.Module):
         if cache_index is not None:
             if layout.kind != "varlen":
                 raise ValueError("cache_index fills KV caches from a padding-free prefill: pass seq_lens too")
+            cache = self.layers[0].attn.kv_cache
+            last = int(cache_index[1].max()) if cache_index[1].numel() else -1  # one read back per prefill
+            if cache is not None and last >= cache.max_seq_len:
+                raise ValueError(f"cache_index: position {last} exceeds the KV cache of {cache.max_seq_len}")
             layout.cache_index = cache_index
         if layout.kind in ("varlen", "batch"):
             # Every training batch has its own length (and the last one fewer rows): compiled

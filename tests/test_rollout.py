@@ -155,3 +155,19 @@ def test_model_state_is_restored_and_bad_arguments_are_one_line():
             rollout(model, [[1, 2]], **{"max_new_tokens": 2, **kwargs})
     with pytest.raises(ValueError, match="at least one token"):
         rollout(model, [[1], []], max_new_tokens=2)
+
+
+def test_a_prefill_into_the_cache_refuses_positions_past_it_and_needs_seq_lens():
+    model = tiny()
+    model.setup_caches(1, 4)
+    tokens = torch.tensor([[5, 6, 7]])
+    rows = torch.zeros(3, dtype=torch.long)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="position 4 exceeds the KV cache of 4"):
+            model(tokens, seq_lens=[3], cache_index=(rows, torch.tensor([2, 3, 4])), hidden_only=True)
+        with pytest.raises(ValueError, match="pass seq_lens too"):
+            model(tokens, cache_index=(rows, torch.tensor([0, 1, 2])), hidden_only=True)
+        model(tokens, seq_lens=[3], cache_index=(rows, torch.tensor([1, 2, 3])), hidden_only=True)
+    cache = model.layers[0].attn.kv_cache
+    assert cache.k[0, :, 0].abs().sum() == 0 and cache.k[0, :, 1:].abs().sum() > 0  # written where told
+    model.reset_caches()
