@@ -59,18 +59,17 @@ def pair_losses(cfg: Config, logps: Any, counts: Any, ref_logps: Any, batch: dic
     chosen, rejected, n_chosen, n_rejected = logps[:b], logps[b:], counts[:b], counts[b:]
     if cfg.loss == "orpo":
         return P.orpo(chosen, rejected, n_chosen, n_rejected, beta=cfg.beta)
+    ref_chosen, ref_rejected = (ref_logps[:b], ref_logps[b:]) if ref_logps is not None else (None, None)
     if cfg.loss == "simpo":
         losses, metrics = P.simpo(chosen, rejected, n_chosen, n_rejected, beta=cfg.beta, gamma=cfg.gamma,
                                   label_smoothing=cfg.label_smoothing)
+    elif cfg.loss == "ipo":
+        losses, metrics = P.ipo(chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected, beta=cfg.beta)
+    elif cfg.loss == "hinge":
+        losses, metrics = P.hinge(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta)
     else:
-        ref_chosen, ref_rejected = ref_logps[:b], ref_logps[b:]
-        if cfg.loss == "ipo":
-            losses, metrics = P.ipo(chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected, beta=cfg.beta)
-        elif cfg.loss == "hinge":
-            losses, metrics = P.hinge(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta)
-        else:
-            losses, metrics = P.dpo(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
-                                    label_smoothing=cfg.label_smoothing, robust=cfg.robust)
+        losses, metrics = P.dpo(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
+                                label_smoothing=cfg.label_smoothing, robust=cfg.robust)
     if cfg.rpo_alpha:
         losses = losses + cfg.rpo_alpha * P.chosen_nll(chosen, n_chosen)
     return losses, metrics

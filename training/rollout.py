@@ -12,8 +12,9 @@ prompt length decodes in one batch: the cache holds the prompts left-padded to t
 each row's RoPE positions start at its own first real token, and a key mask hides the padding
 from attention (`Decoder.forward(key_mask=...)`). Each distinct prompt is prefilled once,
 padding-free (the prompts end to end, `Decoder.forward(cache_index=...)` writing each token's
-keys into its row of the cache), and its KV cache copied to its generations. Rows that stop are dropped from the batch (and their caches) once
-a quarter of the batch has stopped, so finished rows stop costing compute.
+keys into its row of the cache), and its KV cache copied to its generations. Rows that stop
+are dropped from the batch (and their caches) once a quarter of the batch has stopped, so
+finished rows stop costing compute.
 
 The log-probs are those of the full distribution at `temperature` (before top-k / top-p cut
 it), which is what the training step recomputes (`objectives.token_logprobs(temperature=)`):
@@ -122,7 +123,9 @@ def _decode(
     # The cache holds the prompts left-padded to the longest; each row's positions count from
     # its first real token.
     lens = [len(p) for p in prompts]
-    starts = torch.tensor([width - k for k in lens], device=device)
+    lengths = torch.tensor(lens)
+    padding = width - lengths  # each row's left padding in the cache
+    starts = padding.to(device)
     cols = torch.arange(total, device=device)
     key_mask = cols[None, :] >= starts[:, None]  # [n, total]: real (or still to come) positions
     positions = (cols[None, :] - starts[:, None]).clamp(min=0)
@@ -131,10 +134,9 @@ def _decode(
     # batch of mixed lengths can be a third of the prefill), each token's keys written to its
     # row and column of the left-padded cache.
     model.setup_caches(n, total)
-    lengths = torch.tensor(lens)
     rows = torch.repeat_interleave(torch.arange(n), lengths)  # each packed token's prompt
     host_pos = torch.cat([torch.arange(k) for k in lens])  # and its position in that prompt
-    cache_index = (rows.to(device), (host_pos + (width - lengths)[rows]).to(device))
+    cache_index = (rows.to(device), (host_pos + padding[rows]).to(device))
     tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)[None]
     hidden = model(tokens, input_pos=host_pos.to(device)[None], seq_lens=lens, cache_index=cache_index,
                    hidden_only=True)
