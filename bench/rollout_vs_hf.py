@@ -29,6 +29,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true",
+                        help="ours with `compile: true` (each block torch.compiled, as the recipes' option does; "
+                             "the warm-up run pays the compilation); transformers eager, as TRL calls it")
     parser.add_argument("--model", default=None,
                         help="a real checkpoint directory (e.g. out/quickstart/model): its weights, the GRPO demo "
                              "config's prompts (3-shot arithmetic) and its stop ids, in both stacks")
@@ -51,6 +54,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = load_pretrained(Path(tmp), dtype="fp32").eval()
+    maybe_compile(ours, args)
 
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 49152, (int(n),), generator=g).tolist()
@@ -81,6 +85,13 @@ def main() -> None:
     interleaved(run_ours, run_theirs, args.repeats,
                 f"{args.prompts} prompts x {args.generations} generations x {args.new_tokens} new tokens, "
                 f"prompts {len(prompts[0])}-{width} tokens, {args.threads} threads")
+
+
+def maybe_compile(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    if args.compile:
+        from tunewright.training.transforms import compile_blocks
+
+        compile_blocks(model)
 
 
 def interleaved(run_ours, run_theirs, repeats: int, what: str) -> None:
@@ -116,6 +127,7 @@ def real_model(args: argparse.Namespace) -> None:
     prompts = [item["prompt_ids"] for item in data.items]
     stops = sorted(tokenizer.stop_ids)
     ours = load_pretrained(args.model, dtype="fp32").eval()
+    maybe_compile(ours, args)
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     width = max(map(len, prompts))
     pad = tokenizer.pad_id

@@ -167,6 +167,24 @@ def test_draw_frequencies_follow_the_probabilities_and_never_pick_a_zero():
     assert torch.equal(ids, again)
 
 
+def test_draw_over_several_blocks_follows_the_probabilities():
+    """The two-level draw (block sums, then the running sums inside one block): entries at
+    block edges, a whole zero block and a vocabulary that is not a multiple of the block."""
+    from tunewright.training.generation import draw
+
+    weights = torch.zeros(300)  # blocks of 64: 0-63, 64-127, 128-191 (all zero), 192-255, 256-299 (+ padding)
+    weights[[0, 63, 64, 200, 255, 299]] = torch.tensor([1.0, 3.0, 2.0, 0.5, 1e-3, 4.0])
+    n = 200_000
+    ids = draw(weights.expand(n, -1), generator=torch.Generator().manual_seed(1), block=64)
+    counts = torch.bincount(ids, minlength=len(weights)).double()
+    assert ids.max() < 300 and counts[weights == 0].sum() == 0
+    expected = weights.double() / weights.sum() * n
+    keep = expected > 0
+    # Pearson's chi-square over 5 free cells: its 99.99th percentile is ~25.7.
+    chi2 = (((counts - expected) ** 2 / expected)[keep]).sum().item()
+    assert chi2 < 25.7, (counts[keep], expected[keep])
+
+
 def test_vocab_size_keeps_ids_below_it():
     model = tiny()
     got = generate(model, PROMPTS, max_new_tokens=24, temperature=50.0, seed=0, vocab_size=10)

@@ -41,6 +41,20 @@ def test_first_update_of_each_rollout_has_ratio_one_and_kl_starts_at_zero(tmp_pa
     assert history[-1]["clip_ratio/region"] >= 0 and history[0]["entropy"] > 0
 
 
+@pytest.mark.slow
+def test_compiled_blocks_roll_out_and_train_with_ratio_one(tmp_path: Path) -> None:
+    """`compile: true`: the rollout's prefill and decode steps and the training step run compiled
+    blocks (oneDNN's linear in the rollout's, modules/onednn_linear.py), and still compute the
+    numbers each other recomputes; the run equals the eager one up to compiled rounding."""
+    common = ["max_steps=2", "ppo_epochs=2", "num_minibatches=2", *FAST]
+    eager = run_recipe_file(RECIPE, TINY, [f"output_dir={tmp_path / 'eager'}", *common])
+    compiled = run_recipe_file(RECIPE, TINY, [f"output_dir={tmp_path / 'compiled'}", "compile=true", *common])
+    for record in compiled:
+        assert record["first_ratio_error"] < 1e-5, record
+    assert compiled[0]["reward"] == pytest.approx(eager[0]["reward"], abs=1e-6)  # same samples
+    assert compiled[0]["loss"] == pytest.approx(eager[0]["loss"], abs=1e-4)
+
+
 def test_gradient_accumulation_equals_one_large_batch(tmp_path: Path) -> None:
     common = ["max_steps=2", "loss_type=dapo", *FAST]
     big = run_recipe_file(RECIPE, TINY, [f"output_dir={tmp_path / 'big'}", *common])
