@@ -7,10 +7,11 @@
 Every `F.linear` on plain fp32 CPU tensors with gradients off goes to oneDNN's linear
 (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor's CPU fusions call) rather than
 MKL's sgemm, which `aten::linear` takes for fp32. Measured on this project's 2-core AMD EPYC
-(AVX-512; BENCHMARKS.md), the SmolLM2-135M shape at 32 rows, one decode step's matmuls: 30
-blocks 66-69 vs 97-107 ms, the tied head over 49,152 ids 15-17 vs 31-32 ms; at 256-512 rows
-20-27% less. Both compute the same sums in another order (the results agree to fp32 rounding,
-tested), so it is applied where nothing is differentiated: a training step keeps aten's linear.
+(AVX-512; `bench/cpu_linear.py`, BENCHMARKS.md), the SmolLM2-135M shape at 32 rows, one decode
+step's products: 30 blocks 57-58 vs 68-71 ms, the tied head over 49,152 ids 13-15 vs 24-27 ms;
+at 256-512 rows 5-25% less. Both compute the same sums in another order (the results agree to
+fp32 rounding, tested); it is applied where nothing is differentiated, so a training step keeps
+aten's linear and its backward.
 
 A torch function mode, not a swapped module: LoRA, QAT's fake-quantized and plain layers all
 call `F.linear`, and a compiled block traces the call as it is. A weight of another type

@@ -22,7 +22,7 @@ the same model and numbers, so the first importance ratio of a batch is 1 (teste
 fp32). Sampling draws only from `generator` (resumable: its state goes into checkpoints).
 
 Speed on the CPU (BENCHMARKS.md, `bench/rollout_vs_hf.py`): fp32 linears go through oneDNN
-(`modules/onednn_linear.py`, a third less matmul time at 32 rows than aten's MKL path), and
+(`modules/onednn_linear.py`, a quarter less matmul time at 32 rows than aten's MKL path), and
 with the recipes' `compile: true` the prefill and decode steps run the compiled blocks (the
 decode step's ~900 small ops fused; positions and the shrinking batch are traced as symbols,
 so a rollout compiles once per layout, not per step).
@@ -102,7 +102,7 @@ def rollout(
     model.eval()
     try:
         # The head too under autocast, as the training step computes it; oneDNN's fp32 linear on
-        # the CPU (modules/onednn_linear.py: a third less matmul time at rollout batch sizes).
+        # the CPU (modules/onednn_linear.py: a quarter less matmul time at rollout batch sizes).
         with compute_autocast(model, device), onednn_linears(device, next(model.parameters()).dtype):
             ids, logp, lengths, stopped = _decode(
                 model, unique, num_generations, max_new_tokens, device=device, pad_id=pad_id,
