@@ -1,7 +1,7 @@
 """How much of post-training quantization's damage quantization-aware training recovers, and what
 QAT costs per step, on SmolLM2-135M-Instruct and the quickstart's task, offline on the CPU.
 
-    .venv/bin/python bench/qat_recovery.py [--steps 60] [--scheme int8_dynamic_act_int4_weight]
+    .venv/bin/python bench/qat_recovery.py [--steps 80] [--scheme int8_dynamic_act_int4_weight]
 
 The model and data are the quickstart's (`tune quickstart` writes them: `out/quickstart/model`,
 SmolLM2-135M-Instruct from its GGUF file, and reasoning-gym arithmetic rows in
@@ -10,7 +10,7 @@ lr schedule, fp32, 2 threads:
 
 - sft (`recipes/sft.py`), then PTQ of its weights (`recipes/quantize.py`): held-out loss
   L_sft before and L_ptq after; Δ = L_ptq - L_sft is the damage of rounding;
-- qat (`recipes/qat.py`), converted: held-out loss L_qat of the quantized model (`evaluate`).
+- qat (`recipes/sft.py` with a `quantization:` node), converted: held-out loss L_qat of the quantized model (`evaluate`).
 
 recovered = (L_ptq - L_qat) / Δ: the share of Δ that QAT wins back (torchtune's Llama-3-8B
 tutorial: 42% of the perplexity degradation; torchao's README: 68%). The slowdown is the median
@@ -44,7 +44,8 @@ def training_config(recipe: str, out: Path, args: argparse.Namespace) -> dict:
         "val_dataset": {**rows, "source": str(QUICKSTART / "data" / "eval.jsonl")},
         "optimizer": {"_component_": "torch.optim.AdamW", "lr": args.lr, "weight_decay": 0.0},
         "lr_scheduler": {"_component_": "tunewright.training.lr_schedule.cosine_with_warmup", "num_warmup_steps": 5},
-        "batch_size": 8, "max_steps": args.steps, "log_every_n_steps": 1, "eval_every_n_steps": args.steps,
+        # Epochs enough for max_steps to decide (one epoch of the quickstart's 640 rows is 80 steps).
+        "batch_size": 8, "epochs": 100, "max_steps": args.steps, "log_every_n_steps": 1, "eval_every_n_steps": args.steps,
         "save_final_model": True, "progress_bar": False,
     }
     if recipe == "qat":
@@ -62,7 +63,8 @@ def run(recipe: str, cfg: dict, work: Path) -> object:
 
     path = work / f"{recipe}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return run_recipe_file(REPO / "recipes" / f"{recipe}.py", path, [])
+    # QAT is sft with a `quantization:` node (`qat` is sft's alias in `tune run`).
+    return run_recipe_file(REPO / "recipes" / f"{'sft' if recipe == 'qat' else recipe}.py", path, [])
 
 
 def tokens_per_second(out: Path) -> float:
@@ -72,33 +74,33 @@ def tokens_per_second(out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--scheme", default="int8_dynamic_act_int4_weight")
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--fake-quant-after", type=int, default=None)
     parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--reuse", action="store_true",
+                        help="take sft and PTQ from an earlier run in --work-dir (same steps and lr): only QAT runs")
     args = parser.parse_args()
     if not (QUICKSTART / "model" / "config.json").is_file():
         sys.exit(f"{QUICKSTART / 'model'}: missing; run `tune quickstart` first (it writes the model and data)")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="qat_recovery_"))
     work.mkdir(parents=True, exist_ok=True)
 
-    run("sft", training_config("sft", work / "sft", args), work)
-    ptq = run("quantize", {
-        "recipe": "quantize", "output_dir": str(work / "ptq"), "device": "cpu", "dtype": "fp32", "num_threads": 2,
-        "model": {"_component_": "tunewright.models.load_pretrained", "path": str(work / "sft" / "final")},
-        "quantization": quantization(args),
-        "tokenizer": {"_component_": "tunewright.data.tokenizer.load_tokenizer", "path": str(QUICKSTART / "model"),
-                      "max_seq_len": 64},
-        "dataset": {"_component_": "tunewright.data.sft_dataset", "format": "chat", "max_seq_len": 64,
-                    "source": str(QUICKSTART / "data" / "eval.jsonl")},
-    }, work)
-    run("qat", training_config("qat", work / "qat", args), work)
+    ptq_file = work / "ptq.json"
+    if args.reuse and ptq_file.is_file():
+        ptq = json.loads(ptq_file.read_text())
+    else:
+        ptq = sft_then_ptq(work, args)
+        ptq_file.write_text(json.dumps({k: ptq[k] for k in ("loss_before", "loss_after")}))
+    qat_dir = f"qat_after{args.fake_quant_after}" if args.fake_quant_after is not None else "qat"
+    run("qat", training_config("qat", work / qat_dir, args), work)
     qat = run("evaluate", {
-        "recipe": "evaluate", "output_dir": str(work / "eval_qat"), "device": "cpu", "dtype": "fp32", "num_threads": 2,
+        "recipe": "evaluate", "output_dir": str(work / f"eval_{qat_dir}"), "device": "cpu", "dtype": "fp32",
+        "num_threads": 2,
         "model": {"_component_": "tunewright.training.quantize.load_quantized",
-                  "path": str(work / "qat" / "quantized")},
+                  "path": str(work / qat_dir / "quantized")},
         "tokenizer": {"_component_": "tunewright.data.tokenizer.load_tokenizer", "path": str(QUICKSTART / "model"),
                       "max_seq_len": 64},
         "dataset": {"_component_": "tunewright.data.sft_dataset", "format": "chat", "max_seq_len": 64,
@@ -108,7 +110,7 @@ def main() -> None:
 
     l_sft, l_ptq, l_qat = ptq["loss_before"], ptq["loss_after"], qat["loss"]
     delta = l_ptq - l_sft
-    sft_tps, qat_tps = tokens_per_second(work / "sft"), tokens_per_second(work / "qat")
+    sft_tps, qat_tps = tokens_per_second(work / "sft"), tokens_per_second(work / qat_dir)
     result = {
         "model": "SmolLM2-135M-Instruct", "scheme": args.scheme, "group_size": args.group_size, "steps": args.steps,
         "lr": args.lr, "fake_quant_after_n_steps": args.fake_quant_after,
@@ -118,6 +120,20 @@ def main() -> None:
         "work_dir": str(work),
     }
     print(json.dumps(result, indent=2))
+
+
+def sft_then_ptq(work: Path, args: argparse.Namespace) -> dict:
+    """The baseline: sft, then PTQ of its weights; the quantize recipe's held-out losses."""
+    run("sft", training_config("sft", work / "sft", args), work)
+    return run("quantize", {
+        "recipe": "quantize", "output_dir": str(work / "ptq"), "device": "cpu", "dtype": "fp32", "num_threads": 2,
+        "model": {"_component_": "tunewright.models.load_pretrained", "path": str(work / "sft" / "final")},
+        "quantization": quantization(args),
+        "tokenizer": {"_component_": "tunewright.data.tokenizer.load_tokenizer", "path": str(QUICKSTART / "model"),
+                      "max_seq_len": 64},
+        "dataset": {"_component_": "tunewright.data.sft_dataset", "format": "chat", "max_seq_len": 64,
+                    "source": str(QUICKSTART / "data" / "eval.jsonl")},
+    }, work)
 
 
 if __name__ == "__main__":
