@@ -4,7 +4,9 @@
 
 The SmolLM2-135M shape: one decode step's products at 32 rows (30 blocks' q, k, v, o, gate, up,
 down, each block its own weights, so they come from memory as in a real step), the tied head
-over 49,152 ids, and one gate projection at 1 to 512 rows. Prints milliseconds per call for
+over 49,152 ids, one gate projection at 1 to 512 rows, and a training step's three products of
+that projection at 512 and 2,048 rows (forward, the input's gradient dY W, the weight's dY^T x;
+oneDNN is used for none of them today: `modules/onednn_linear.py` leaves gradients to aten). Prints milliseconds per call for
 each path, median of `--repeats` after a warm-up, and the largest difference of the results.
 """
 
@@ -62,6 +64,14 @@ def main() -> None:
         xs = torch.randn(rows, dim, generator=g)
         print(f"gate projection, {rows} rows: {timed(lambda: F.linear(xs, gate), 5 * args.repeats):.3f} / "
               f"{timed(lambda: onednn(xs, gate), 5 * args.repeats):.3f}")
+    for rows in (512, 2048):
+        xs, grad = torch.randn(rows, dim, generator=g), torch.randn(rows, hidden, generator=g)
+        print(f"training shapes, {rows} rows: forward {timed(lambda: F.linear(xs, gate), args.repeats):.2f} / "
+              f"{timed(lambda: onednn(xs, gate), args.repeats):.2f}, "
+              f"dY W {timed(lambda: grad @ gate, args.repeats):.2f} / "
+              f"{timed(lambda: onednn(grad, gate.t()), args.repeats):.2f}, "
+              f"dY^T x {timed(lambda: grad.t() @ xs, args.repeats):.2f} / "
+              f"{timed(lambda: onednn(grad.t(), xs.t()), args.repeats):.2f}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ Every `F.linear` on plain fp32 CPU tensors with gradients off goes to oneDNN's l
 (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor's CPU fusions call) rather than
 MKL's sgemm, which `aten::linear` takes for fp32. Measured on this project's 2-core AMD EPYC
 (AVX-512; `bench/cpu_linear.py`, BENCHMARKS.md), the SmolLM2-135M shape at 32 rows, one decode
-step's products: 30 blocks 57-58 vs 68-71 ms, the tied head over 49,152 ids 13-15 vs 24-27 ms;
-at 256-512 rows 5-25% less. Both compute the same sums in another order (the results agree to
+step's products: 30 blocks 57-62 vs 68-89 ms, the tied head over 49,152 ids 13-15 vs 24-29 ms;
+at 256-512 rows 5-28% less. Both compute the same sums in another order (the results agree to
 fp32 rounding, tested); it is applied where nothing is differentiated, so a training step keeps
 aten's linear and its backward.
 
