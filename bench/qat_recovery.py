@@ -58,6 +58,16 @@ def quantization(args: argparse.Namespace) -> dict:
     return {"scheme": args.scheme, "group_size": args.group_size, "embeddings": False}
 
 
+def held_out() -> dict:
+    """The tokenizer and the held-out rows that PTQ and the QAT export are both scored on."""
+    return {
+        "tokenizer": {"_component_": "tunewright.data.tokenizer.load_tokenizer", "path": str(QUICKSTART / "model"),
+                      "max_seq_len": 64},
+        "dataset": {"_component_": "tunewright.data.sft_dataset", "format": "chat", "max_seq_len": 64,
+                    "source": str(QUICKSTART / "data" / "eval.jsonl")},
+    }
+
+
 def run(recipe: str, cfg: dict, work: Path) -> object:
     from tunewright.training.entry import run_recipe_file
 
@@ -101,10 +111,7 @@ def main() -> None:
         "num_threads": 2,
         "model": {"_component_": "tunewright.training.quantize.load_quantized",
                   "path": str(work / qat_dir / "quantized")},
-        "tokenizer": {"_component_": "tunewright.data.tokenizer.load_tokenizer", "path": str(QUICKSTART / "model"),
-                      "max_seq_len": 64},
-        "dataset": {"_component_": "tunewright.data.sft_dataset", "format": "chat", "max_seq_len": 64,
-                    "source": str(QUICKSTART / "data" / "eval.jsonl")},
+        **held_out(),
         "answer_column": None,
     }, work)
 
@@ -129,10 +136,7 @@ def sft_then_ptq(work: Path, args: argparse.Namespace) -> dict:
         "recipe": "quantize", "output_dir": str(work / "ptq"), "device": "cpu", "dtype": "fp32", "num_threads": 2,
         "model": {"_component_": "tunewright.models.load_pretrained", "path": str(work / "sft" / "final")},
         "quantization": quantization(args),
-        "tokenizer": {"_component_": "tunewright.data.tokenizer.load_tokenizer", "path": str(QUICKSTART / "model"),
-                      "max_seq_len": 64},
-        "dataset": {"_component_": "tunewright.data.sft_dataset", "format": "chat", "max_seq_len": 64,
-                    "source": str(QUICKSTART / "data" / "eval.jsonl")},
+        **held_out(),
     }, work)
 
 
